@@ -1,0 +1,422 @@
+"""Fusion and weight packing: graph nodes (after constant folding) -> pre-bound step sources.
+
+A Conv, Gemm or MatMul with a constant float32 weight becomes one kernel call that also does
+what follows it when nobody else reads the intermediate value:
+
+    Conv -> [BatchNormalization] -> [Add(bias)] -> [Add(residual)] -> [Relu | Clip]
+    Gemm / MatMul -> [Add(bias)] -> [Add(residual)] -> [Relu | Clip]
+
+(the bias and residual Adds may come in either order). The fused step runs where the last
+absorbed node stood, so the residual operand is always computed by then. A residual needs shapes
+that inference proves equal, except for Gemm/MatMul, whose step then checks them per call. The weight is packed
+once with ``kernels.PackedWeight.pack(w, kind)``; "auto" lets the core pick sparse or dense from
+the weight's measured sparsity. A QuantizeLinear whose consumers are DequantizeLinear with the
+same per-tensor parameters becomes one fake-quant step per consumer (float round/clip, the
+values onnxruntime's QDQ arithmetic produces).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sparsify.engine import kernels, ops
+from sparsify.engine.ops_nn import conv_geometry, fake_quantize
+from sparsify.errors import EngineError
+
+# ops that return a tuple of outputs (a node may use only the first ones)
+MULTI_OUTPUT = {"LayerNormalization", "Dropout", "Split", "TopK"}
+
+
+@dataclass
+class Node:
+    name: str
+    op: str
+    inputs: list
+    outputs: list
+    attrs: dict
+    opset: int
+
+
+@dataclass
+class StepSrc:
+    name: str
+    op: str
+    inputs: list
+    outputs: list
+    fn: object
+    multi: bool = False
+    native: bool = False
+    sources: list = field(default_factory=list)  # names of the graph nodes this step executes
+
+
+def bind(op_type: str, attrs: dict, n_inputs: int, n_outputs: int, opset: int):
+    """The op's function with attributes bound, trimmed to the outputs the node uses."""
+    fn = ops.op_function(op_type, opset)
+    if op_type == "Split" and "num_outputs" not in attrs:
+        attrs = dict(attrs, num_outputs=n_outputs)
+    try:
+        inspect.signature(fn).bind(*([None] * n_inputs), **attrs)
+    except TypeError as err:
+        raise EngineError(f"{op_type}: unexpected inputs or attributes ({err})") from None
+    f = functools.partial(fn, **attrs) if attrs else fn
+    if op_type in MULTI_OUTPUT and n_outputs == 1:
+        return lambda *a: f(*a)[0]
+    return f
+
+
+
+def _const(consts, name):
+    return consts.get(name) if name else None
+
+
+def _is_f32_weight(w) -> bool:
+    return w is not None and w.dtype == np.float32
+
+
+def fuse(nodes: list, consts: dict, shapes: dict, graph_outs: set, kind: str):
+    """Returns (list of StepSrc in execution order, report rows for packed layers)."""
+    readers: dict[str, list[int]] = {}
+    for i, n in enumerate(nodes):
+        for x in n.inputs:
+            if x:
+                readers.setdefault(x, []).append(i)
+
+    def sole_reader(value):
+        """The node index that is the only reader of ``value``, or None."""
+        r = readers.get(value, [])
+        if value in graph_outs or len(r) != 1 or r[0] in absorbed:
+            return None
+        return r[0]
+
+    absorbed: set[int] = set()
+    placed: list[tuple[int, StepSrc]] = []
+    layers = []
+    for i, n in enumerate(nodes):
+        if i in absorbed:
+            continue
+        fused = None
+        if n.op in ("Conv", "Gemm", "MatMul"):
+            fused = _fuse_compute(i, n, nodes, consts, shapes, sole_reader, kind, layers)
+        elif n.op == "QuantizeLinear":
+            fused = _fuse_qdq(i, n, nodes, consts, readers, graph_outs)
+        elif n.op in ("Div", "Mul"):
+            fused = _fuse_gelu(i, n, nodes, consts, sole_reader)
+        if fused:
+            for pos, src, used in fused:
+                absorbed.update(used)
+                placed.append((pos, src))
+            continue
+        fn = bind(n.op, n.attrs, len(n.inputs), len(n.outputs), n.opset)
+        placed.append((i, StepSrc(n.name, n.op, n.inputs, n.outputs, fn,
+                                  multi=n.op in MULTI_OUTPUT and len(n.outputs) > 1,
+                                  native=n.op in ops.NATIVE, sources=[n.name])))
+    placed.sort(key=lambda p: p[0])  # stable: a fused step lands where its last node stood
+    steps = [s for _, s in placed]
+    reuse_buffers(steps, shapes, graph_outs)
+    return steps, layers
+
+
+# ---------------------------------------------------------------- GELU written out (torch export)
+def _scalar(consts, name):
+    v = _const(consts, name)
+    return float(v.reshape(())) if v is not None and v.size == 1 and v.dtype.kind == "f" else None
+
+
+def _fuse_gelu(i, n, nodes, consts, sole_reader):
+    """x / sqrt(2) (or x * 1/sqrt(2)) -> Erf -> + 1 -> * x -> * 0.5  ==>  one Gelu step."""
+    x, c = n.inputs[0], _scalar(consts, n.inputs[1])
+    want = math.sqrt(2) if n.op == "Div" else 1 / math.sqrt(2)
+    if c is None or abs(c - want) > 1e-6 * want or x in consts:
+        return None
+    chain, out = [i], n.outputs[0]
+    for op, check in (("Erf", lambda m: True),
+                      ("Add", lambda m: _scalar(consts, _other(m, out)) == 1.0),
+                      ("Mul", lambda m: _other(m, out) == x),
+                      ("Mul", lambda m: _scalar(consts, _other(m, out)) == 0.5)):
+        j = sole_reader(out)
+        if j is None or nodes[j].op != op or not check(nodes[j]):
+            return None
+        chain.append(j)
+        out = nodes[j].outputs[0]
+    src = StepSrc("+".join(nodes[k].name for k in chain), "Gelu", [x], [out], ops.OPS["Gelu"],
+                  sources=[nodes[k].name for k in chain])
+    return [(chain[-1], src, chain)]
+
+
+def _other(node: Node, value: str) -> str:
+    return node.inputs[1] if node.inputs[0] == value else node.inputs[0]
+
+
+# ---------------------------------------------------------------- buffer reuse
+def reuse_buffers(steps: list, shapes: dict, graph_outs: set) -> None:
+    """Let elementwise steps write into an input buffer that nobody reads afterwards.
+
+    Allowed when the input was made by a step that returns a fresh array (never a view of
+    something else), this step is its only reader, and the inferred shapes of input and
+    output are equal and fully known.
+    """
+    producer, readers = {}, {}
+    for s in steps:
+        for x in s.inputs:
+            readers[x] = readers.get(x, 0) + 1
+        for o in s.outputs:
+            producer[o] = s
+    for s in steps:
+        variants = ops.INPLACE.get(s.op)
+        if variants is None or s.multi:
+            continue
+        out_shape = shapes.get(s.outputs[0])
+        if not out_shape or None in out_shape:
+            continue
+        for pos, make in variants.items():
+            if pos >= len(s.inputs):
+                continue
+            x = s.inputs[pos]
+            p = producer.get(x)
+            if p is None or x in graph_outs or readers.get(x) != 1 or shapes.get(x) != out_shape:
+                continue
+            if not (p.native or p.op in ops.FRESH) or p.multi:
+                continue
+            fn = make(s.fn)
+            if fn is not None:
+                s.fn = fn
+                s.name += " (in place)"
+                break
+
+
+# ---------------------------------------------------------------- Conv / Gemm / MatMul
+def _weight_of(n: Node, consts: dict):
+    """(w2d [out, in] float32, bias or None, conv params or None) if n has a constant weight."""
+    if n.op == "Conv":
+        w = _const(consts, n.inputs[1])
+        if not _is_f32_weight(w) or w.ndim != 4:
+            return None
+        b = _const(consts, n.inputs[2]) if len(n.inputs) > 2 else None
+        if len(n.inputs) > 2 and n.inputs[2] and b is None:
+            return None
+        return w, b
+    if n.op == "Gemm":
+        b = _const(consts, n.inputs[1])
+        a = n.attrs
+        if not _is_f32_weight(b) or b.ndim != 2 or a.get("transA", 0) or n.inputs[0] in consts:
+            return None
+        w = (b if a.get("transB", 0) else b.T) * np.float32(a.get("alpha", 1.0))
+        bias = None
+        if len(n.inputs) > 2 and n.inputs[2]:
+            c = _const(consts, n.inputs[2])
+            if c is None or c.dtype != np.float32 or c.size not in (1, w.shape[0]) or c.ndim > 2 \
+                    or (c.ndim == 2 and c.shape[0] != 1):
+                return None
+            bias = np.broadcast_to(c.reshape(-1) * np.float32(a.get("beta", 1.0)), (w.shape[0],))
+        return np.ascontiguousarray(w, np.float32), bias
+    if n.op == "MatMul":
+        b = _const(consts, n.inputs[1])
+        if not _is_f32_weight(b) or b.ndim != 2 or n.inputs[0] in consts:
+            return None
+        return np.ascontiguousarray(b.T), None
+    return None
+
+
+def _bias_from(c, m: int, conv: bool):
+    """A constant Add operand as a per-output-channel bias of length m, else None."""
+    if c is None or c.dtype != np.float32:
+        return None
+    if c.size == 1 and c.ndim <= (4 if conv else 1):
+        return np.full(m, c.reshape(()), np.float32)
+    if conv and c.shape in ((m, 1, 1), (1, m, 1, 1)):
+        return c.reshape(m)
+    if not conv and c.shape == (m,):
+        return c
+    return None
+
+
+def _act_of(n: Node, consts: dict):
+    if n.op == "Relu":
+        return "relu"
+    if n.op == "Clip":
+        lo, hi = n.attrs.get("min", -np.inf), n.attrs.get("max", np.inf)
+        for k, x in enumerate(n.inputs[1:3]):
+            if x:
+                v = _const(consts, x)
+                if v is None:
+                    return None
+                lo, hi = (float(v), hi) if k == 0 else (lo, float(v))
+        return ("clip", float(lo), float(hi))
+    return None
+
+
+def _fold_bn(w, b, bn: Node, consts):
+    """Conv weight/bias with the following inference BatchNormalization folded in, or None."""
+    vals = [_const(consts, x) for x in bn.inputs[1:5]]
+    if any(v is None for v in vals) or bn.attrs.get("training_mode", 0) or any(bn.outputs[1:]):
+        return None
+    scale, beta, mean, var = (v.astype(np.float64) for v in vals)
+    s = scale / np.sqrt(var + bn.attrs.get("epsilon", 1e-5))
+    b0 = np.zeros(w.shape[0]) if b is None else b.astype(np.float64)
+    w = (w.astype(np.float64) * s.reshape(-1, 1, 1, 1)).astype(np.float32)
+    return w, ((b0 - mean) * s + beta).astype(np.float32)
+
+
+def _fuse_compute(i, n, nodes, consts, shapes, sole_reader, kind, layers):
+    got = _weight_of(n, consts)
+    if got is None:
+        return None
+    w, bias = got
+    conv = n.op == "Conv"
+    used, sources, extra_in = [i], [n.name], []
+    act, residual, guarded = "none", None, False
+    out = n.outputs[0]
+    if conv:
+        j = sole_reader(out)
+        if j is not None and nodes[j].op == "BatchNormalization":
+            folded = _fold_bn(w, bias, nodes[j], consts)
+            if folded:
+                w, bias = folded
+                used.append(j), sources.append(nodes[j].name)
+                out = nodes[j].outputs[0]
+    m = w.shape[0]
+    group = n.attrs.get("group", 1)
+    depthwise = conv and group > 1 and w.shape[1] == 1 and group == m
+    while True:
+        j = sole_reader(out)
+        if j is None:
+            break
+        nj = nodes[j]
+        if nj.op == "Add":
+            other = nj.inputs[1] if nj.inputs[0] == out else nj.inputs[0]
+            c = _bias_from(_const(consts, other), m, conv)
+            if c is not None:
+                bias = c.copy() if bias is None else bias + c
+            elif other in consts or residual is not None or depthwise:
+                break
+            elif shapes.get(nj.outputs[0]) and shapes.get(nj.outputs[0]) == shapes.get(out) == shapes.get(other) \
+                    and None not in shapes[out]:
+                residual = other
+            elif not conv:  # shapes not provably equal: the step checks them on each call
+                residual, guarded = other, True
+            else:
+                break
+        elif (a := _act_of(nj, consts)) is not None:
+            act = a
+        else:
+            break
+        used.append(j), sources.append(nj.name)
+        out = nj.outputs[0]
+        if act != "none":
+            break
+    bias = None if bias is None else np.ascontiguousarray(bias, np.float32)
+    if conv:
+        fn, packed_kind, pw = _conv_fn(n, w, bias, act, residual is not None, depthwise, kind)
+    else:
+        pw = kernels.PackedWeight.pack(w, kind=kind)
+        packed_kind = pw.kind
+        fn = _linear_fn(pw, bias, act, residual is not None, guarded)
+    layers.append({
+        "name": n.name, "op": n.op, "weight_shape": list(_const(consts, n.inputs[1]).shape),
+        "packed_shape": list(w.shape[:1]) + [int(np.prod(w.shape[1:]))],
+        "sparsity": float(1.0 - np.count_nonzero(w) / w.size) if w.size else 0.0,
+        "kind": packed_kind, "fused": [nodes[k].op for k in used[1:]],
+    })
+    inputs = [n.inputs[0]] + ([residual] if residual else []) + extra_in
+    src = StepSrc(n.name if len(used) == 1 else "+".join(sources), "+".join(nodes[k].op for k in used),
+                  inputs, [out], fn, native=True, sources=sources)
+    return [(max(used), src, used)]
+
+
+def _conv_fn(n: Node, w, bias, act, has_residual, depthwise, kind):
+    a = n.attrs
+    auto_pad = a.get("auto_pad", "NOTSET")
+    kshape = tuple(a.get("kernel_shape") or w.shape[2:])
+    strides, dilations, group = a.get("strides"), a.get("dilations"), a.get("group", 1)
+    static = None
+    if auto_pad in ("NOTSET", "VALID"):
+        static = conv_geometry(None, kshape, strides, a.get("pads"), dilations, auto_pad)
+
+    def geometry(x):
+        return static or conv_geometry(x.shape[2:], kshape, strides, a.get("pads"), dilations, auto_pad)
+
+    if depthwise:
+        wd = np.ascontiguousarray(w)
+
+        def run(x):
+            _, s, p, d = geometry(x)
+            return kernels.depthwise_conv2d(wd, x, s, p, d, bias, act)
+        return run, "depthwise", None
+
+    pw = kernels.PackedWeight.pack(w.reshape(w.shape[0], -1), kind=kind)
+    if has_residual:
+        def run(x, r):
+            k, s, p, d = geometry(x)
+            return kernels.conv2d(pw, x, k, s, p, d, group, bias, act, r)
+    else:
+        def run(x):
+            k, s, p, d = geometry(x)
+            return kernels.conv2d(pw, x, k, s, p, d, group, bias, act)
+    return run, pw.kind, pw
+
+
+def _linear_fn(pw, bias, act, has_residual, guarded):
+    if not has_residual:
+        return lambda x: kernels.linear(pw, x, bias, act)
+    if not guarded:
+        return lambda x, r: kernels.linear(pw, x, bias, act, residual=r)
+    m = pw.shape[0]
+
+    def run(x, r):
+        if r.shape == x.shape[:-1] + (m,):
+            return kernels.linear(pw, x, bias, act, residual=r)
+        return _apply_act(np.add(kernels.linear(pw, x, bias), r), act)  # the Add broadcasts
+    return run
+
+
+def _apply_act(y, act):
+    if act == "relu":
+        return np.maximum(y, 0, out=y)
+    if act != "none":
+        return np.clip(y, act[1], act[2], out=y)
+    return y
+
+
+# ---------------------------------------------------------------- QDQ activations
+def _qparams(n: Node, consts):
+    s = _const(consts, n.inputs[1])
+    zp = _const(consts, n.inputs[2]) if len(n.inputs) > 2 and n.inputs[2] else None
+    if s is None or s.size != 1 or (len(n.inputs) > 2 and n.inputs[2] and zp is None):
+        return None
+    if zp is not None and zp.size != 1:
+        return None
+    return float(s.reshape(())), zp
+
+
+def _fuse_qdq(i, n, nodes, consts, readers, graph_outs):
+    q = _qparams(n, consts)
+    qout = n.outputs[0]
+    if q is None or qout in graph_outs or not readers.get(qout):
+        return None
+    scale, zp = q
+    dtype = np.dtype(np.uint8) if zp is None else zp.dtype
+    if dtype.kind not in "iu":
+        return None
+    zero = 0.0 if zp is None else float(zp.reshape(()))
+    info = np.iinfo(dtype)
+    steps = []
+    for j in readers[qout]:
+        dq = nodes[j]
+        p = _qparams(dq, consts) if dq.op == "DequantizeLinear" and dq.inputs[0] == qout else None
+        if p is None or p[0] != scale or (0.0 if p[1] is None else float(p[1].reshape(()))) != zero:
+            return None
+        if (np.dtype(np.uint8) if p[1] is None else p[1].dtype) != dtype:
+            return None
+        steps.append((j, dq))
+    s32, z32 = np.float32(scale), np.float32(zero)
+    lo, hi = float(info.min), float(info.max)
+
+    def run(x):
+        return fake_quantize(x, s32, z32, lo, hi)
+    return [(j, StepSrc(f"{n.name}+{dq.name}", "QuantizeLinear+DequantizeLinear", [n.inputs[0]],
+                        [dq.outputs[0]], run, sources=[n.name, dq.name]), [i, j]) for j, dq in steps]

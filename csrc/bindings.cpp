@@ -1,0 +1,241 @@
+// The only file that sees Python: checks arrays, turns them into raw pointers, releases the GIL.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+
+#include <vector>
+
+#include <cmath>
+#include <optional>
+#include <stdexcept>
+#include <string>
+
+#include "core.h"
+
+namespace nb = nanobind;
+using namespace sparsify;
+
+namespace {
+
+using In = nb::ndarray<const float, nb::c_contig, nb::device::cpu>;
+using Out = nb::ndarray<float, nb::c_contig, nb::device::cpu>;
+using OptIn = std::optional<In>;
+
+[[noreturn]] void fail(const std::string& msg) { throw nb::value_error(msg.c_str()); }
+
+void expect(bool ok, const std::string& what) {
+  if (!ok) fail(what);
+}
+
+std::string shape_of(const In& a) {
+  std::string s = "(";
+  for (size_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
+  return s + ")";
+}
+
+int64_t numel(const In& a) {
+  int64_t n = 1;
+  for (size_t i = 0; i < a.ndim(); ++i) n *= (int64_t)a.shape(i);
+  return n;
+}
+int64_t numel(const Out& a) {
+  int64_t n = 1;
+  for (size_t i = 0; i < a.ndim(); ++i) n *= (int64_t)a.shape(i);
+  return n;
+}
+
+struct ActArgs {
+  int act;
+  float lo, hi;
+};
+
+ActArgs act_args(int act, float lo, float hi) {
+  expect(act >= kActNone && act <= kActClip, "act code must be 0 (none), 1 (relu) or 2 (clip)");
+  if (act == kActRelu) return {kActRelu, 0.f, INFINITY};
+  return {act, lo, hi};
+}
+
+const float* vec_or_null(const OptIn& b, int64_t n, const char* what) {
+  if (!b) return nullptr;
+  expect(numel(*b) == n, std::string(what) + " has " + std::to_string(numel(*b)) +
+                             " values, expected " + std::to_string(n));
+  return b->data();
+}
+
+const float* same_or_null(const OptIn& r, int64_t n, const char* what) {
+  if (!r) return nullptr;
+  expect(numel(*r) == n, std::string(what) + " must have the output's shape");
+  return r->data();
+}
+
+void check_out(const Out& y, std::initializer_list<int64_t> shape, const char* what) {
+  expect(y.ndim() == shape.size(), std::string(what) + ": out has the wrong rank");
+  size_t i = 0;
+  for (int64_t d : shape) expect((int64_t)y.shape(i++) == d, std::string(what) + ": out has the wrong shape");
+}
+
+DenseWeight* as_dense(nb::handle h) { return nb::isinstance<DenseWeight>(h) ? nb::cast<DenseWeight*>(h) : nullptr; }
+SparseWeight* as_sparse(nb::handle h) { return nb::isinstance<SparseWeight>(h) ? nb::cast<SparseWeight*>(h) : nullptr; }
+
+void weight_dims(nb::handle h, SparseWeight*& s, DenseWeight*& d, int64_t& m, int64_t& k) {
+  s = as_sparse(h);
+  d = as_dense(h);
+  if (s) { m = s->M; k = s->K; return; }
+  if (d) { m = d->M; k = d->K; return; }
+  throw nb::type_error("weight must be a SparseWeight or DenseWeight");
+}
+
+ConvShape conv_shape(const In& x, int64_t m, const Out& y, int kh, int kw, int sh, int sw, int pt,
+                     int pl, int pb, int pr, int dh, int dw, int group) {
+  expect(x.ndim() == 4 && y.ndim() == 4, "conv/pool input and output must be NCHW");
+  expect(kh > 0 && kw > 0 && sh > 0 && sw > 0 && dh > 0 && dw > 0,
+         "kernel sizes, strides and dilations must be positive");
+  expect(pt >= 0 && pl >= 0 && pb >= 0 && pr >= 0, "pads must be non-negative");
+  ConvShape s{(int64_t)x.shape(0), (int64_t)x.shape(1), (int64_t)x.shape(2), (int64_t)x.shape(3),
+              m, (int64_t)y.shape(2), (int64_t)y.shape(3), kh, kw, sh, sw, pt, pl, pb, pr, dh, dw,
+              group};
+  expect((int64_t)y.shape(0) == s.n && (int64_t)y.shape(1) == m, "out has the wrong N or C");
+  // every window the output asks for must start inside the padded input
+  expect(s.oh == 0 || (s.oh - 1) * sh <= s.h + pt + pb - 1 + sh, "out height too large");
+  expect(s.ow == 0 || (s.ow - 1) * sw <= s.w + pl + pr - 1 + sw, "out width too large");
+  return s;
+}
+
+}  // namespace
+
+NB_MODULE(_core, mod) {
+  mod.doc() = "sparsify's C++ kernels (see sparsify/engine/kernels.py for the Python API)";
+
+  nb::class_<SparseWeight>(mod, "SparseWeight")
+      .def("__init__", [](SparseWeight* self, nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu> w) {
+        new (self) SparseWeight(w.data(), (int64_t)w.shape(0), (int64_t)w.shape(1));
+      })
+      .def_prop_ro("M", [](const SparseWeight& w) { return w.M; })
+      .def_prop_ro("K", [](const SparseWeight& w) { return w.K; })
+      .def_prop_ro("nnz", [](const SparseWeight& w) { return w.nnz(); })
+      .def("to_dense", [](const SparseWeight& w, Out out) {
+        expect(numel(out) == w.M * w.K, "to_dense: out must hold M*K floats");
+        w.to_dense(out.data());
+      });
+
+  nb::class_<DenseWeight>(mod, "DenseWeight")
+      .def("__init__", [](DenseWeight* self, nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu> w) {
+        new (self) DenseWeight(w.data(), (int64_t)w.shape(0), (int64_t)w.shape(1));
+      })
+      .def_prop_ro("M", [](const DenseWeight& w) { return w.M; })
+      .def_prop_ro("K", [](const DenseWeight& w) { return w.K; })
+      .def("to_dense", [](const DenseWeight& w, Out out) {
+        expect(numel(out) == w.M * w.K, "to_dense: out must hold M*K floats");
+        w.to_dense(out.data());
+      });
+
+  mod.def("gemm", [](nb::handle wh, In x, OptIn bias, int act, float lo, float hi, OptIn res, Out y) {
+    SparseWeight* sw; DenseWeight* dw; int64_t m, k;
+    weight_dims(wh, sw, dw, m, k);
+    expect(x.ndim() == 2 && (int64_t)x.shape(0) == k, "gemm: x must be [K, N] with K = " + std::to_string(k) + ", got " + shape_of(x));
+    const int64_t n = (int64_t)x.shape(1);
+    check_out(y, {m, n}, "gemm");
+    const ActArgs a = act_args(act, lo, hi);
+    Epilogue ep;
+    ep.bias = vec_or_null(bias, m, "gemm bias");
+    ep.res = same_or_null(res, m * n, "gemm residual");
+    ep.ld_res = n;
+    ep.act = a.act; ep.lo = a.lo; ep.hi = a.hi;
+    std::vector<int64_t> koff(k);
+    for (int64_t i = 0; i < k; ++i) koff[i] = i * n;
+    const WeightRef w = bind_weight(sw, dw, koff);
+    nb::gil_scoped_release nogil;
+    run_gemm(w, 0, m, k, x.data(), koff.data(), 1, n, y.data(), n, ep);
+  }, nb::arg("w"), nb::arg("x"), nb::arg("bias").none(), nb::arg("act"), nb::arg("lo"), nb::arg("hi"),
+     nb::arg("residual").none(), nb::arg("out"));
+
+  mod.def("linear", [](nb::handle wh, In x, OptIn bias, int act, float lo, float hi, OptIn res, Out y) {
+    SparseWeight* sw; DenseWeight* dw; int64_t m, k;
+    weight_dims(wh, sw, dw, m, k);
+    expect(x.ndim() == 2 && (int64_t)x.shape(1) == k, "linear: x must be [T, K] with K = " + std::to_string(k) + ", got " + shape_of(x));
+    const int64_t t = (int64_t)x.shape(0);
+    check_out(y, {t, m}, "linear");
+    const ActArgs a = act_args(act, lo, hi);
+    const float* b = vec_or_null(bias, m, "linear bias");
+    const float* r = same_or_null(res, t * m, "linear residual");
+    std::vector<int64_t> koff(k);
+    for (int64_t i = 0; i < k; ++i) koff[i] = i;  // X read transposed: column stride K
+    const WeightRef w = bind_weight(sw, dw, koff);
+    nb::gil_scoped_release nogil;
+    run_linear(w, m, k, x.data(), koff.data(), t, b, r, a.act, a.lo, a.hi, y.data());
+  }, nb::arg("w"), nb::arg("x"), nb::arg("bias").none(), nb::arg("act"), nb::arg("lo"), nb::arg("hi"),
+     nb::arg("residual").none(), nb::arg("out"));
+
+  mod.def("conv2d", [](nb::handle wh, In x, int kh, int kw, int sh, int sw_, int pt, int pl, int pb,
+                       int pr, int dh, int dw_, int group, OptIn bias, int act, float lo, float hi,
+                       OptIn res, Out y) {
+    SparseWeight* sw; DenseWeight* dw; int64_t m, k;
+    weight_dims(wh, sw, dw, m, k);
+    ConvShape s = conv_shape(x, m, y, kh, kw, sh, sw_, pt, pl, pb, pr, dh, dw_, group);
+    expect(group >= 1 && s.c % group == 0 && m % group == 0 && k == (s.c / group) * kh * kw,
+           "conv2d: weight [" + std::to_string(m) + ", " + std::to_string(k) + "] does not fit " +
+           std::to_string(s.c) + " input channels, group " + std::to_string(group));
+    const ActArgs a = act_args(act, lo, hi);
+    const float* b = vec_or_null(bias, m, "conv bias");
+    const float* r = same_or_null(res, numel(y), "conv residual");
+    const ConvPlan plan = plan_conv(s);
+    const WeightRef w = bind_weight(sw, dw, plan.koff, group);  // caches: needs the GIL
+    nb::gil_scoped_release nogil;
+    run_conv2d(w, plan, x.data(), s, b, r, a.act, a.lo, a.hi, y.data());
+  });
+
+  mod.def("depthwise_conv2d", [](In w, In x, int sh, int sw, int pt, int pl, int pb, int pr, int dh,
+                                 int dw, OptIn bias, int act, float lo, float hi, Out y) {
+    expect(w.ndim() == 4 && x.ndim() == 4 && w.shape(0) == x.shape(1) && w.shape(1) == 1,
+           "depthwise_conv2d: weight must be [C, 1, kh, kw] for C input channels");
+    ConvShape s = conv_shape(x, (int64_t)x.shape(1), y, (int)w.shape(2), (int)w.shape(3), sh, sw,
+                             pt, pl, pb, pr, dh, dw, (int)x.shape(1));
+    const ActArgs a = act_args(act, lo, hi);
+    const float* b = vec_or_null(bias, s.c, "depthwise bias");
+    nb::gil_scoped_release nogil;
+    run_depthwise(w.data(), x.data(), s, b, a.act, a.lo, a.hi, y.data());
+  });
+
+  mod.def("max_pool2d", [](In x, int kh, int kw, int sh, int sw, int pt, int pl, int pb, int pr,
+                           int dh, int dw, Out y) {
+    ConvShape s = conv_shape(x, x.ndim() == 4 ? (int64_t)x.shape(1) : 0, y, kh, kw, sh, sw, pt, pl, pb, pr, dh, dw, 1);
+    nb::gil_scoped_release nogil;
+    run_max_pool(x.data(), s, y.data());
+  });
+
+  mod.def("avg_pool2d", [](In x, int kh, int kw, int sh, int sw, int pt, int pl, int pb, int pr,
+                           int count_include_pad, Out y) {
+    ConvShape s = conv_shape(x, x.ndim() == 4 ? (int64_t)x.shape(1) : 0, y, kh, kw, sh, sw, pt, pl, pb, pr, 1, 1, 1);
+    expect(pt < kh && pb < kh && pl < kw && pr < kw, "avg_pool2d: pads must be smaller than the kernel");
+    nb::gil_scoped_release nogil;
+    run_avg_pool(x.data(), s, count_include_pad != 0, y.data());
+  });
+
+  mod.def("global_avg_pool", [](In x, Out y) {
+    expect(x.ndim() == 4, "global_avg_pool: input must be NCHW");
+    const int64_t planes = (int64_t)(x.shape(0) * x.shape(1)), size = (int64_t)(x.shape(2) * x.shape(3));
+    expect(numel(y) == planes, "global_avg_pool: out must be [N, C, 1, 1]");
+    nb::gil_scoped_release nogil;
+    run_global_avg_pool(x.data(), planes, size, y.data());
+  });
+
+  mod.def("add_act", [](In a, In b, int act, float lo, float hi, Out y) {
+    expect(numel(a) == numel(b) && numel(a) == numel(y), "add_act: operands and out must have one shape");
+    const ActArgs aa = act_args(act, lo, hi);
+    nb::gil_scoped_release nogil;
+    run_add_act(a.data(), b.data(), numel(a), aa.act, aa.lo, aa.hi, y.data());
+  });
+
+  mod.def("set_num_threads", [](int n) {
+    expect(n > 0, "threads must be positive");
+    set_num_threads(n);
+  });
+  mod.def("get_num_threads", []() { return num_threads(); });
+  mod.def("isa", []() { return std::string(active_isa()); });
+  mod.def("set_isa", [](const std::string& name) {
+    expect(name == "avx512" || name == "avx2" || name == "portable", "isa must be avx512, avx2 or portable");
+    expect(set_isa(name.c_str()), "this CPU cannot run the " + name + " kernels");
+  }, "Test hook: switch the kernel table (packed weights stay valid across ISAs).");
+  mod.def("isa_supported", [](const std::string& name) { return isa_supported(name.c_str()); });
+}

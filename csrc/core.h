@@ -1,0 +1,126 @@
+// Drivers over the kernel table: packing, blocking, threading and conv lowering. Raw pointers
+// only; bindings.cpp is the single file that sees Python.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <map>
+#include <memory>
+#include <vector>
+
+#include "dispatch.h"
+
+namespace sparsify {
+
+// 64-byte aligned float storage that grows and never shrinks (scratch and packed panels).
+class FloatBuf {
+ public:
+  FloatBuf() = default;
+  FloatBuf(const FloatBuf&) = delete;
+  FloatBuf& operator=(const FloatBuf&) = delete;
+  ~FloatBuf() { std::free(p_); }
+  float* get(size_t n) {
+    if (n > n_) {
+      std::free(p_);
+      p_ = static_cast<float*>(std::aligned_alloc(64, (n * sizeof(float) + 63) / 64 * 64));
+      if (!p_) throw std::bad_alloc();
+      n_ = n;
+    }
+    return p_;
+  }
+  float* data() const { return p_; }
+
+ private:
+  float* p_ = nullptr;
+  size_t n_ = 0;
+};
+
+// The sparse kernel's view of a weight (see SpmmArgs): rows sorted by nonzero count within each
+// group, K cut into blocks, offsets scaled to the packed tile width.
+struct SparseLayout {
+  int64_t nblocks = 1, kb = 0;
+  std::vector<int32_t> row_ptr, off, perm;
+  std::vector<float> val;
+  std::vector<int64_t> nnz_prefix;  // over sorted rows, to balance threads
+};
+
+// CSR over rows of W[M, K]; column indices are K offsets.
+struct SparseWeight {
+  SparseWeight(const float* w, int64_t m, int64_t k);
+  SparseWeight(const SparseWeight&) = delete;
+  SparseWeight& operator=(const SparseWeight&) = delete;
+  void to_dense(float* out) const;
+  int64_t nnz() const { return row_ptr.back(); }
+  // Built once per (groups, tile width) and kept; call with the GIL held.
+  const SparseLayout& layout_for(int64_t groups, int tile_cols);
+  int64_t M, K;
+  std::vector<int32_t> row_ptr, col;
+  std::vector<float> val;
+  std::map<std::pair<int64_t, int>, std::unique_ptr<SparseLayout>> layouts;
+};
+
+// Rows grouped in panels of kGemmMR, interleaved along K: [panel][k][kGemmMR], zero padded.
+struct DenseWeight {
+  DenseWeight(const float* w, int64_t m, int64_t k);
+  void to_dense(float* out) const;
+  // Panels whose boundaries fall on group boundaries (built once per group count on first use;
+  // call with the GIL held). *per_group receives the panel count of one group.
+  const float* panels_for(int64_t groups, int64_t* per_group);
+  int64_t M, K;
+  FloatBuf panels;
+  std::map<int64_t, std::unique_ptr<FloatBuf>> grouped;
+};
+
+// A weight bound to one kernel and one layout of X.
+struct WeightRef {
+  const SparseWeight* sparse = nullptr;
+  const SparseLayout* layout = nullptr;  // sparse: the kernel's layout
+  const float* dense_panels = nullptr;  // dense: first panel of the row range
+  int64_t panels_per_group = 0;         // dense: panels of one conv group
+};
+
+// Prepares w for X rows at koff (sparse: offsets; dense: group-aligned panels).
+WeightRef bind_weight(SparseWeight* sw, DenseWeight* dw, const std::vector<int64_t>& koff,
+                      int64_t groups = 1);
+
+// y[rows, n] = W[m0 : m0 + rows] X with X(k, j) = x[koff[k] + j * cs]; epilogue applied.
+void run_gemm(const WeightRef& w, int64_t m0, int64_t rows, int64_t K, const float* x,
+              const int64_t* koff, int64_t cs, int64_t n, float* y, int64_t ldy,
+              const Epilogue& ep);
+
+// Y[T, M] = act(X[T, K] W^T + bias + res) via the [M, T] formulation; X is read transposed
+// in place (koff[k] = k, column stride K).
+void run_linear(const WeightRef& w, int64_t M, int64_t K, const float* x, const int64_t* koff,
+                int64_t t, const float* bias, const float* res, int act, float lo, float hi,
+                float* y);
+
+struct ConvShape {
+  int64_t n, c, h, w, m, oh, ow;
+  int kh, kw, sh, sw, pt, pl, pb, pr, dh, dw, group;
+};
+
+// How one group of a conv becomes a GEMM: which buffer holds X and where its K rows start.
+struct ConvPlan {
+  enum Mode { kDirect, kPhased, kIm2col } mode;
+  int64_t hq = 0, wq = 0;  // phased: rows / row pitch of each phase plane
+  int64_t n_virtual = 0;   // GEMM columns (oh * wq when phased)
+  int64_t buf = 0;         // floats of the lowered input per group (0 = read x directly)
+  std::vector<int64_t> koff;
+};
+ConvPlan plan_conv(const ConvShape& s);
+
+void run_conv2d(const WeightRef& w, const ConvPlan& plan, const float* x, const ConvShape& s,
+                const float* bias, const float* res, int act, float lo, float hi, float* y);
+// Windowed planes over padded phase planes: op 0 depthwise (w [C][kh*kw], bias per channel),
+// 1 max, 2 sum; `pad` fills the border (0, or -inf for max).
+void run_window_planes(int op, const float* w, const float* x, const ConvShape& s, float pad,
+                       const float* bias, int act, float lo, float hi, float* y);
+void run_depthwise(const float* w, const float* x, const ConvShape& s, const float* bias, int act,
+                   float lo, float hi, float* y);
+void run_max_pool(const float* x, const ConvShape& s, float* y);
+void run_avg_pool(const float* x, const ConvShape& s, bool count_include_pad, float* y);
+void run_global_avg_pool(const float* x, int64_t planes, int64_t size, float* y);
+void run_add_act(const float* a, const float* b, int64_t n, int act, float lo, float hi, float* y);
+
+}  // namespace sparsify

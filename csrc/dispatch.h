@@ -1,0 +1,99 @@
+// Kernel table shared by every ISA build of the hot loops, and the one place that picks it.
+//
+// The hot kernels are compiled three times (isa_avx512.cpp, isa_avx2.cpp, isa_portable.cpp),
+// each with its own -m flags and its own namespace, so a CPU without AVX-512 never executes an
+// AVX-512 instruction. dispatch.cpp picks one table once at import (SPARSIFY_ISA overrides).
+#pragma once
+
+#include <cstdint>
+
+namespace sparsify {
+
+// Activation codes shared with kernels.py / reference.parse_act.
+enum Act : int { kActNone = 0, kActRelu = 1, kActClip = 2 };
+
+// What happens to an output tile after the reduction: y = act(acc + bias[row] + res).
+// Pointers are already offset to the tile's first row / element; null means absent.
+struct Epilogue {
+  const float* bias = nullptr;  // one value per output row
+  const float* res = nullptr;   // same layout (and leading dimension) as the output
+  int64_t ld_res = 0;
+  int act = kActNone;
+  float lo = 0.f, hi = 0.f;
+};
+
+// Dense weight panels hold kGemmMR consecutive rows interleaved along K: [panel][k][kGemmMR].
+constexpr int kGemmMR = 8;
+
+// Modes of a dense tile: first K block starts from zero, last applies the epilogue.
+enum TileMode : int { kTileFirst = 1, kTileLast = 2 };
+
+// A sparse weight laid out for the kernel: rows sorted by nonzero count inside each group (so
+// the inner loop's trip count repeats and its exit branch predicts), and K cut into blocks of
+// `kb` so one packed X tile (kb x spmm_nt floats, in scratch) stays in L2.
+struct SpmmArgs {
+  const int32_t* row_ptr;  // [nblocks][rows + 1], indexes off / val
+  int64_t rp_stride;       // rows + 1
+  const int32_t* off;      // (col - block start) * spmm_nt: where the nonzero reads the tile
+  const float* val;
+  const int32_t* perm;     // sorted row -> output row (relative to y, bias and res)
+  int64_t nblocks, kb, K;
+  const int64_t* koff;     // X(k, n) = x[koff[k] + n * cs]
+  const float* x;
+  int64_t cs;              // 1, or K when X arrives transposed (linear's [T, K] input)
+};
+
+// One flat signature per kernel family (XNNPACK style); drivers own threading and blocking.
+struct KernelTable {
+  const char* name;
+  int simd_width;  // floats per vector
+  int gemm_nr;     // columns of a full packed-X panel
+  int spmm_nt;     // columns of a sparse-kernel tile
+
+  // f32 sparse x dense, Y = W X over sorted rows [m0, m1) and columns [n0, n1); see SpmmArgs.
+  void (*spmm)(const SpmmArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1, float* y,
+               int64_t ldy, const Epilogue& ep, float* scratch);
+
+  // Packs X[k][n] = x[koff[k] + n * cs] for k < kc, n < nc into panels of gemm_nr columns
+  // (the last one rounded up to the vector width, zero padded): panel j at xp + j * gemm_nr * kc.
+  void (*gemm_pack_x)(const float* x, const int64_t* koff, int64_t cs, int64_t kc, int64_t nc,
+                      float* xp);
+
+  // One tile: rows [0, rows) (rows <= kGemmMR) of a weight panel times one packed-X panel of
+  // width `width` (a multiple of simd_width, <= gemm_nr), writing `cols` columns of y.
+  void (*gemm_tile)(int64_t kc, const float* wp, const float* xp, int width, int rows, int cols,
+                    float* y, int64_t ldy, int mode, const Epilogue& ep);
+
+  // Dense matrix-vector product over whole weight panels [p0, p1): out[(p - p0) * kGemmMR + r] =
+  // sum_k panel[k][r] * x[k], with xexp[k * kGemmMR + r] = x[k] (and 32 zero floats after). The
+  // GEMM's panel tiles would use one lane in 16 when X has a single column.
+  void (*gemv)(const float* wp, int64_t p0, int64_t p1, int64_t K, const float* xexp, float* out);
+
+  // Depthwise conv on simd_width channels at once (for small planes, where per-plane work is too
+  // little to fill vectors): in is the padded input, channels interleaved per pixel
+  // [hp][wp][simd_width]; wv holds each tap's channel weights [taps][simd_width] followed by the
+  // bias; out is [oh * ow][simd_width].
+  void (*dw_channels)(const float* in, int64_t wp, const float* wv, int kh, int kw, int sh,
+                      int sw, int dh, int dw, int64_t oh, int64_t ow, float* out,
+                      const Epilogue& ep);
+
+  // Windowed plane ops on a padded input stored as column phases (see conv.cpp): output (oy, ox)
+  // reduces x[oy * row_step + ox + tap_off[t]] over the taps t.
+  // op 0 = weighted sum with w[t] (depthwise conv), 1 = max, 2 = sum.
+  void (*window_plane)(int op, const float* x, const int64_t* tap_off, int taps, int64_t row_step,
+                       const float* w, int64_t oh, int64_t ow, float* y, const Epilogue& ep);
+};
+
+const KernelTable& kernels();            // the active table
+const char* active_isa();                // "avx512" | "avx2" | "portable"
+bool set_isa(const char* name);          // false when this CPU cannot run it
+bool isa_supported(const char* name);
+
+const KernelTable& table_avx512();
+const KernelTable& table_avx2();
+const KernelTable& table_portable();
+
+int num_threads();
+void set_num_threads(int n);
+
+}  // namespace sparsify

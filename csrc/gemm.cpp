@@ -1,0 +1,365 @@
+// Packing of constant weights and the GEMM drivers (blocking, threading) over the kernel table.
+#include <algorithm>
+#include <cstring>
+#include <stdexcept>
+
+#include "core.h"
+#include "parallel.h"
+
+namespace sparsify {
+namespace {
+
+constexpr int64_t kSpmmSplit = 64;  // columns per chunk when threads split N
+constexpr int64_t kSpmmTileBytes = 64 * 1024;  // packed sparse X tile: L1/L2-near (measured best)
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Work below this many multiply-adds runs on the calling thread: waking a worker costs more.
+constexpr int64_t kSerialWork = 32 * 1024;
+
+thread_local FloatBuf t_pack, t_yt, t_tile;
+
+void pack_panels(const float* w, int64_t m, int64_t k, int64_t groups, float* dst) {
+  const int64_t mg = m / groups, per_group = ceil_div(mg, kGemmMR);
+  std::memset(dst, 0, sizeof(float) * groups * per_group * kGemmMR * k);
+  for (int64_t g = 0; g < groups; ++g)
+    for (int64_t r = 0; r < mg; ++r) {
+      float* p = dst + ((g * per_group + r / kGemmMR) * k) * kGemmMR + r % kGemmMR;
+      const float* src = w + (g * mg + r) * k;
+      for (int64_t j = 0; j < k; ++j) p[j * kGemmMR] = src[j];
+    }
+}
+
+// One column: a dot product per row over the plain CSR (tiles of one used lane would waste 15).
+void sparse_gemv(const SparseWeight& w, int64_t m0, int64_t rows, const float* x,
+                 const int64_t* koff, float* y, int64_t ldy, const Epilogue& ep) {
+  const int64_t nnz = w.row_ptr[m0 + rows] - w.row_ptr[m0];
+  const int64_t parts = nnz < 4 * kSerialWork ? 1 : 4 * num_threads();
+  parallel_for(parts, [&](int64_t part) {
+    for (int64_t i = rows * part / parts; i < rows * (part + 1) / parts; ++i) {
+      const int64_t r = m0 + i;
+      float acc = 0.f;
+      for (int32_t j = w.row_ptr[r]; j < w.row_ptr[r + 1]; ++j) acc += w.val[j] * x[koff[w.col[j]]];
+      float v = acc + (ep.bias ? ep.bias[i] : 0.f) + (ep.res ? ep.res[i * ep.ld_res] : 0.f);
+      if (ep.act != kActNone) v = v < ep.lo ? ep.lo : (v > ep.hi ? ep.hi : v);
+      y[i * ldy] = v;
+    }
+  });
+}
+
+void sparse_gemm(const SparseWeight& w, const SparseLayout& l, int64_t m0, int64_t rows,
+                 const float* x, const int64_t* koff, int64_t cs, int64_t n, float* y,
+                 int64_t ldy, const Epilogue& ep) {
+  if (n == 1) return sparse_gemv(w, m0, rows, x, koff, y, ldy, ep);
+  const KernelTable& kt = kernels();
+  SpmmArgs a{l.row_ptr.data(), w.M + 1, l.off.data(), l.val.data(), l.perm.data(), l.nblocks,
+             l.kb, w.K, koff, x, cs};
+  const int64_t* pre = l.nnz_prefix.data();
+  const int64_t nnz = pre[m0 + rows] - pre[m0];
+  int nt = num_threads();
+  if ((nnz + rows) * n < kSerialWork) nt = 1;
+  const int64_t tiles = ceil_div(n, kSpmmSplit);
+  const int64_t tile_floats = std::min(l.kb, w.K) * kt.spmm_nt + 64;
+  if (nt == 1) {
+    kt.spmm(a, m0, m0 + rows, 0, n, y, ldy, ep, t_tile.get(tile_floats));
+    return;
+  }
+  if (tiles >= 2 * nt) {
+    // one column tile per chunk: each packs only its own X tile
+    parallel_for(tiles, [&](int64_t i) {
+      kt.spmm(a, m0, m0 + rows, i * kSpmmSplit, std::min(n, (i + 1) * kSpmmSplit), y, ldy, ep,
+              t_tile.get(tile_floats));
+    });
+    return;
+  }
+  // few columns: row ranges balanced by nonzeros (+ a per-row epilogue cost); each chunk packs
+  // the same X tiles, so keep the chunks few
+  const int64_t parts = 4 * nt, total = nnz + 4 * rows;
+  auto split = [&](int64_t part) {
+    if (part >= parts) return rows;
+    const int64_t target = total * part / parts;
+    int64_t lo = 0, hi = rows;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (pre[m0 + mid] - pre[m0] + 4 * mid < target) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+  };
+  parallel_for(parts, [&](int64_t i) {
+    const int64_t r0 = split(i), r1 = split(i + 1);
+    if (r1 > r0) kt.spmm(a, m0 + r0, m0 + r1, 0, n, y, ldy, ep, t_tile.get(tile_floats));
+  });
+}
+
+// One thread's share: weight panels [p0, p1) x columns [c0, c1), packing its own X blocks so
+// threads never wait on each other.
+void dense_block(const float* wp, int64_t rows, int64_t K, int64_t p0, int64_t p1, const float* x,
+                 const int64_t* koff, int64_t cs, int64_t c0, int64_t c1, float* y, int64_t ldy,
+                 const Epilogue& ep) {
+  const KernelTable& kt = kernels();
+  const int64_t nr = kt.gemm_nr, vw = kt.simd_width;
+  // K blocks of ~256 keep a weight-panel slice in L1 and the packed X block in L2
+  const int64_t kblocks = K <= 384 ? 1 : ceil_div(K, 256);
+  const int64_t kc_max = std::max<int64_t>(1, ceil_div(K, kblocks));
+  const int64_t nc_max = std::min(ceil_div(c1 - c0, nr), int64_t(10)) * nr;
+  float* xp = t_pack.get(kc_max * nc_max + 64);
+  for (int64_t n0 = c0; n0 < c1; n0 += nc_max) {
+    const int64_t nc = std::min(nc_max, c1 - n0), npan = ceil_div(nc, nr);
+    int64_t k0 = 0;
+    do {
+      const int64_t kc = std::min(kc_max, K - k0);
+      for (int64_t j = 0; j < npan; ++j)
+        kt.gemm_pack_x(x + (n0 + j * nr) * cs, koff + k0, cs, kc, std::min(nr, nc - j * nr),
+                       xp + j * nr * kc);
+      const int mode = (k0 == 0 ? kTileFirst : 0) | (k0 + kc >= K ? kTileLast : 0);
+      for (int64_t pm = p0; pm < p1; ++pm) {
+        const int64_t r = std::min<int64_t>(kGemmMR, rows - pm * kGemmMR);
+        for (int64_t pn = 0; pn < npan; ++pn) {
+          const int64_t cols = std::min(nr, nc - pn * nr);
+          const int64_t col0 = n0 + pn * nr;
+          Epilogue e = ep;
+          if (e.bias) e.bias += pm * kGemmMR;
+          if (e.res) e.res += pm * kGemmMR * e.ld_res + col0;
+          kt.gemm_tile(kc, wp + pm * kGemmMR * K + k0 * kGemmMR, xp + pn * nr * kc,
+                       (int)(ceil_div(cols, vw) * vw), (int)r, (int)cols,
+                       y + pm * kGemmMR * ldy + col0, ldy, mode, e);
+        }
+      }
+      k0 += kc;
+    } while (k0 < K);
+  }
+}
+
+// y[:, 0] for a single column: streams each weight panel once at memory speed.
+void dense_gemv(const float* wp, int64_t rows, int64_t K, const float* x, const int64_t* koff,
+                float* y, int64_t ldy, const Epilogue& ep) {
+  const KernelTable& kt = kernels();
+  const int64_t mpanels = ceil_div(rows, kGemmMR);
+  float* xexp = t_pack.get(K * kGemmMR + 32);
+  for (int64_t k = 0; k < K; ++k)
+    for (int r = 0; r < kGemmMR; ++r) xexp[k * kGemmMR + r] = x[koff[k]];
+  for (int64_t i = K * kGemmMR; i < K * kGemmMR + 32; ++i) xexp[i] = 0.f;
+  const int64_t parts = rows * K < 16 * kSerialWork ? 1 : std::min<int64_t>(mpanels, 8 * num_threads());
+  parallel_for(parts, [&](int64_t part) {
+    const int64_t p0 = mpanels * part / parts, p1 = mpanels * (part + 1) / parts;
+    float out[8 * kGemmMR];
+    for (int64_t q0 = p0; q0 < p1; q0 += 8) {
+      const int64_t q1 = std::min(p1, q0 + 8);
+      kt.gemv(wp, q0, q1, K, xexp, out);
+      for (int64_t m = q0 * kGemmMR; m < std::min(rows, q1 * kGemmMR); ++m) {
+        float v = out[m - q0 * kGemmMR] + (ep.bias ? ep.bias[m] : 0.f) +
+                  (ep.res ? ep.res[m * ep.ld_res] : 0.f);
+        if (ep.act != kActNone) v = v < ep.lo ? ep.lo : (v > ep.hi ? ep.hi : v);
+        y[m * ldy] = v;
+      }
+    }
+  });
+}
+
+void dense_gemm(const float* wp, int64_t rows, int64_t K, const float* x, const int64_t* koff,
+                int64_t cs, int64_t n, float* y, int64_t ldy, const Epilogue& ep) {
+  if (n == 1) return dense_gemv(wp, rows, K, x, koff, y, ldy, ep);
+  const int64_t mpanels = ceil_div(rows, kGemmMR);
+  int nt = num_threads();
+  if (rows * K * n < kSerialWork) nt = 1;
+  if (nt == 1) {
+    dense_block(wp, rows, K, 0, mpanels, x, koff, cs, 0, n, y, ldy, ep);
+    return;
+  }
+  // wide outputs split by column blocks (each chunk packs only its X); narrow ones by weight
+  // panels (each chunk packs the same X, a small cost next to its share of the FLOPs)
+  const int64_t nr = kernels().gemm_nr, block = 4 * nr;
+  const int64_t col_blocks = ceil_div(n, block);
+  if (col_blocks >= 2 * nt) {
+    parallel_for(col_blocks, [&](int64_t i) {
+      dense_block(wp, rows, K, 0, mpanels, x, koff, cs, i * block, std::min(n, (i + 1) * block), y,
+                  ldy, ep);
+    });
+    return;
+  }
+  const int64_t parts = std::min<int64_t>(mpanels, 8 * nt);
+  parallel_for(parts, [&](int64_t i) {
+    const int64_t p0 = mpanels * i / parts, p1 = mpanels * (i + 1) / parts;
+    if (p1 > p0) dense_block(wp, rows, K, p0, p1, x, koff, cs, 0, n, y, ldy, ep);
+  });
+}
+
+// dst[c][r] = src[r][c] for a rows x cols block; the fixed 16 x 16 case unrolls to straight loads
+// and stores (a general strided loop with bounds checks ran at ~2.5 ns per element).
+template <int R, int C>
+inline void transpose_fixed(const float* __restrict src, int64_t lds, float* __restrict dst,
+                            int64_t ldd) {
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) dst[c * ldd + r] = src[r * lds + c];
+}
+
+inline void transpose_any(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t rows,
+                          int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
+}
+
+// out[t, m] = act(yt[m, t] + res[t, m]) for yt [M, T]: also turns [T, K] into [K, T]
+void transpose_out(const float* yt, int64_t M, int64_t T, const float* res, int act, float lo,
+                   float hi, float* out) {
+  constexpr int64_t B = 16;
+  const int64_t bm = ceil_div(M, B), bt = ceil_div(T, B);
+  parallel_range(bm * bt, M * T < kSerialWork, [&](int64_t blk) {
+    const int64_t m0 = blk / bt * B, t0 = blk % bt * B;
+    const int64_t mr = std::min(B, M - m0), tr = std::min(B, T - t0);
+    float* dst = out + t0 * M + m0;
+    if (mr == B && tr == B) {
+      // through an L1 block, then whole output rows: writing a column at a time into rows a
+      // power-of-two-ish stride apart thrashed one cache set (0.5 -> 2.5 ns per element)
+      alignas(64) float tmp[B * B];
+      transpose_fixed<B, B>(yt + m0 * T + t0, T, tmp, B);
+      for (int64_t t = 0; t < B; ++t)
+        for (int64_t m = 0; m < B; ++m) dst[t * M + m] = tmp[t * B + m];
+    } else {
+      transpose_any(yt + m0 * T + t0, T, dst, M, mr, tr);
+    }
+    if (res || act != kActNone)
+      for (int64_t t = 0; t < tr; ++t) {
+        float* d = dst + t * M;
+        const float* r = res ? res + (t0 + t) * M + m0 : nullptr;
+        for (int64_t m = 0; m < mr; ++m) {
+          float v = d[m] + (r ? r[m] : 0.f);
+          if (act != kActNone) v = v < lo ? lo : (v > hi ? hi : v);
+          d[m] = v;
+        }
+      }
+  });
+}
+
+}  // namespace
+
+SparseWeight::SparseWeight(const float* w, int64_t m, int64_t k) : M(m), K(k) {
+  row_ptr.resize(m + 1);
+  row_ptr[0] = 0;
+  for (int64_t r = 0; r < m; ++r) {
+    for (int64_t j = 0; j < k; ++j)
+      if (w[r * k + j] != 0.f) {
+        col.push_back((int32_t)j);
+        val.push_back(w[r * k + j]);
+      }
+    if (col.size() > (size_t)INT32_MAX) throw std::invalid_argument("too many nonzeros for CSR");
+    row_ptr[r + 1] = (int32_t)col.size();
+  }
+}
+
+void SparseWeight::to_dense(float* out) const {
+  std::memset(out, 0, sizeof(float) * M * K);
+  for (int64_t r = 0; r < M; ++r)
+    for (int32_t j = row_ptr[r]; j < row_ptr[r + 1]; ++j) out[r * K + col[j]] = val[j];
+}
+
+DenseWeight::DenseWeight(const float* w, int64_t m, int64_t k) : M(m), K(k) {
+  pack_panels(w, m, k, 1, panels.get(std::max<int64_t>(1, ceil_div(m, kGemmMR) * kGemmMR * k)));
+}
+
+void DenseWeight::to_dense(float* out) const {
+  const float* p = panels.data();
+  for (int64_t r = 0; r < M; ++r)
+    for (int64_t j = 0; j < K; ++j) out[r * K + j] = p[((r / kGemmMR) * K + j) * kGemmMR + r % kGemmMR];
+}
+
+const float* DenseWeight::panels_for(int64_t groups, int64_t* per_group) {
+  const int64_t mg = M / groups;
+  *per_group = ceil_div(mg, kGemmMR);
+  if (groups == 1 || mg % kGemmMR == 0) return panels.data();
+  auto& buf = grouped[groups];
+  if (!buf) {
+    std::vector<float> dense(M * K);
+    to_dense(dense.data());
+    buf = std::make_unique<FloatBuf>();
+    pack_panels(dense.data(), M, K, groups, buf->get(groups * *per_group * kGemmMR * K));
+  }
+  return buf->data();
+}
+
+WeightRef bind_weight(SparseWeight* sw, DenseWeight* dw, const std::vector<int64_t>& koff,
+                      int64_t groups) {
+  WeightRef w;
+  if (sw) {
+    w.sparse = sw;
+    w.layout = &sw->layout_for(groups, kernels().spmm_nt);
+  } else {
+    w.dense_panels = dw->panels_for(groups, &w.panels_per_group);
+  }
+  return w;
+}
+
+const SparseLayout& SparseWeight::layout_for(int64_t groups, int tile_cols) {
+  auto& slot = layouts[{groups, tile_cols}];
+  if (slot) return *slot;
+  auto l = std::make_unique<SparseLayout>();
+  // K blocks small enough that one packed tile (kb x tile_cols floats) stays in L2
+  const int64_t kb_max = std::max<int64_t>(1, kSpmmTileBytes / (4 * tile_cols));
+  l->nblocks = std::max<int64_t>(1, ceil_div(K, kb_max));
+  l->kb = std::max<int64_t>(1, ceil_div(K, l->nblocks));
+  const int64_t mg = M / groups;
+  l->perm.resize(M);
+  std::vector<int32_t> order(M);
+  for (int64_t g = 0; g < groups; ++g) {
+    for (int64_t i = 0; i < mg; ++i) order[g * mg + i] = (int32_t)(g * mg + i);
+    std::stable_sort(order.begin() + g * mg, order.begin() + (g + 1) * mg, [&](int32_t a, int32_t b) {
+      return row_ptr[a + 1] - row_ptr[a] > row_ptr[b + 1] - row_ptr[b];
+    });
+    for (int64_t i = 0; i < mg; ++i) l->perm[g * mg + i] = (int32_t)(order[g * mg + i] - g * mg);
+  }
+  l->row_ptr.assign(l->nblocks * (M + 1), 0);
+  l->off.reserve(col.size());
+  l->val.reserve(col.size());
+  for (int64_t b = 0; b < l->nblocks; ++b) {
+    const int64_t k0 = b * l->kb, k1 = std::min(K, k0 + l->kb);
+    int32_t* rp = l->row_ptr.data() + b * (M + 1);
+    rp[0] = (int32_t)l->off.size();
+    for (int64_t i = 0; i < M; ++i) {
+      const int32_t r = order[i];
+      // columns are sorted within a row, so each block is one contiguous run
+      const int32_t* c = col.data();
+      const int32_t lo = (int32_t)(std::lower_bound(c + row_ptr[r], c + row_ptr[r + 1], k0) - c);
+      const int32_t hi = (int32_t)(std::lower_bound(c + row_ptr[r], c + row_ptr[r + 1], k1) - c);
+      for (int32_t j = lo; j < hi; ++j) {
+        l->off.push_back((int32_t)((col[j] - k0) * tile_cols));
+        l->val.push_back(val[j]);
+      }
+      rp[i + 1] = (int32_t)l->off.size();
+    }
+  }
+  l->nnz_prefix.resize(M + 1);
+  l->nnz_prefix[0] = 0;
+  for (int64_t i = 0; i < M; ++i)
+    l->nnz_prefix[i + 1] = l->nnz_prefix[i] + row_ptr[order[i] + 1] - row_ptr[order[i]];
+  slot = std::move(l);
+  return *slot;
+}
+
+void run_gemm(const WeightRef& w, int64_t m0, int64_t rows, int64_t K, const float* x,
+              const int64_t* koff, int64_t cs, int64_t n, float* y, int64_t ldy,
+              const Epilogue& ep) {
+  if (rows <= 0 || n <= 0) return;
+  if (w.sparse) {
+    sparse_gemm(*w.sparse, *w.layout, m0, rows, x, koff, cs, n, y, ldy, ep);
+  } else {
+    dense_gemm(w.dense_panels, rows, K, x, koff, cs, n, y, ldy, ep);
+  }
+}
+
+void run_linear(const WeightRef& w, int64_t M, int64_t K, const float* x, const int64_t* koff,
+                int64_t T, const float* bias, const float* res, int act, float lo, float hi,
+                float* y) {
+  if (M <= 0 || T <= 0) return;
+  float* yt = t_yt.get(M * T);
+  Epilogue ep;
+  ep.bias = bias;
+  // with a residual the activation must wait until the transposed residual is added
+  ep.act = res ? kActNone : act;
+  ep.lo = lo;
+  ep.hi = hi;
+  if (w.sparse) sparse_gemm(*w.sparse, *w.layout, 0, M, x, koff, K, T, yt, T, ep);
+  else dense_gemm(w.dense_panels, M, K, x, koff, K, T, yt, T, ep);
+  transpose_out(yt, M, T, res, res ? act : kActNone, lo, hi, y);
+}
+
+}  // namespace sparsify

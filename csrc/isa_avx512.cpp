@@ -1,0 +1,26 @@
+// Hot kernels built for avx512; CMakeLists.txt gives this file its own -m flags.
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "dispatch.h"
+
+namespace sparsify {
+namespace isa_avx512 {
+
+#define SPARSIFY_SIMD_AVX512 1
+#define SPARSIFY_GEMM_R 8
+#ifndef SPARSIFY_SPMM_NV
+#define SPARSIFY_SPMM_NV 4
+#define SPARSIFY_SPMM_U 2
+#endif
+#define SPARSIFY_ISA_NAME "avx512"
+#include "simd.h"
+#include "kernels_impl.h"
+
+}  // namespace isa_avx512
+
+const KernelTable& table_avx512() { return isa_avx512::kTable; }
+
+}  // namespace sparsify

@@ -1,0 +1,392 @@
+// The hot loops, written once over the Simd traits and compiled once per ISA.
+// Included by isa_*.cpp inside a per-ISA namespace after Simd is defined; define
+// SPARSIFY_GEMM_R (rows per dense micro-tile) and SPARSIFY_ISA_NAME first.
+// No standard-library templates here: an inline template instantiated under -mavx512f could be
+// merged by the linker into the portable build.
+
+using V = Simd::V;
+constexpr int W = Simd::W;
+constexpr int kSpmmNV = SPARSIFY_SPMM_NV;  // vectors per sparse tile
+constexpr int kSpmmU = SPARSIFY_SPMM_U;
+constexpr int kGemmNV = 3;   // vectors per packed-X panel: 48 columns with AVX-512
+constexpr int kGemmR = SPARSIFY_GEMM_R;
+constexpr int kWinNV = 4;
+
+static inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// dst[0, NV * W) = src[0, n) then zeros; inline vectors instead of a memcpy call per short row
+// (packing issues one per K row per tile, and the call overhead showed up in the profile).
+template <int NV>
+static inline void copy_row(const float* src, int n, float* dst) {
+  if (n == NV * W) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) Simd::store(dst + v * W, Simd::load(src + v * W));
+    return;
+  }
+  for (int v = 0; v < NV; ++v) {
+    const int left = n - v * W;
+    const V x = left >= W ? Simd::load(src + v * W)
+                          : left > 0 ? Simd::loadn(src + v * W, left) : Simd::zero();
+    Simd::store(dst + v * W, x);
+  }
+}
+
+// lo/hi already hold (0, inf) for relu; min/max take the value second so NaN propagates.
+static inline V activate(V v, int act, V lo, V hi) {
+  return act == kActNone ? v : Simd::min(hi, Simd::max(lo, v));
+}
+
+// ---------------------------------------------------------------------------------------------
+// f32 SpMM, tile = NV vectors of one output row; each nonzero broadcasts its weight against the
+// matching row of the packed X tile. U nonzeros go into U accumulator sets so consecutive FMAs
+// do not wait on each other. Mode says whether this K block starts (zero) or ends (epilogue).
+template <int NV, int U, bool TAIL>
+static void spmm_tile(const int32_t* rp, const int32_t* off, const float* val, const int32_t* perm,
+                      int64_t m0, int64_t m1, const float* x, int tail, float* y, int64_t ldy,
+                      int mode, const Epilogue& ep) {
+  const V lo = Simd::set1(ep.lo), hi = Simd::set1(ep.hi);
+  const bool first = mode & kTileFirst, last = mode & kTileLast;
+  for (int64_t m = m0; m < m1; ++m) {
+    const int64_t r = perm[m];
+    float* yr = y + r * ldy;
+    V a[U][NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      const bool part = TAIL && v == NV - 1;
+      a[0][v] = first ? Simd::zero() : part ? Simd::loadn(yr + v * W, tail) : Simd::load(yr + v * W);
+#pragma GCC unroll 8
+      for (int u = 1; u < U; ++u) a[u][v] = Simd::zero();
+    }
+    int32_t j = rp[m];
+    const int32_t e = rp[m + 1];
+    for (; j + U <= e; j += U) {
+#pragma GCC unroll 8
+      for (int u = 0; u < U; ++u) {
+        const float* xr = x + off[j + u];
+        const V wv = Simd::set1(val[j + u]);
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v)
+          a[u][v] = Simd::fma(wv, Simd::load(xr + v * W), a[u][v]);
+      }
+    }
+    for (; j < e; ++j) {
+      const float* xr = x + off[j];
+      const V wv = Simd::set1(val[j]);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) a[0][v] = Simd::fma(wv, Simd::load(xr + v * W), a[0][v]);
+    }
+    const V bias = (last && ep.bias) ? Simd::set1(ep.bias[r]) : Simd::zero();
+    const float* rr = (last && ep.res) ? ep.res + r * ep.ld_res : nullptr;
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      const bool part = TAIL && v == NV - 1;
+      V s = a[0][v];
+#pragma GCC unroll 8
+      for (int u = 1; u < U; ++u) s = Simd::add(s, a[u][v]);
+      if (last) {
+        s = Simd::add(s, bias);
+        if (rr) s = Simd::add(s, part ? Simd::loadn(rr + v * W, tail) : Simd::load(rr + v * W));
+        s = activate(s, ep.act, lo, hi);
+      }
+      if (part) Simd::storen(yr + v * W, s, tail); else Simd::store(yr + v * W, s);
+    }
+  }
+}
+
+// Column remainder: picks the tile with exactly nv vectors, the last one partial.
+template <int NV>
+static void spmm_tail(int nv, const int32_t* rp, const int32_t* off, const float* val,
+                      const int32_t* perm, int64_t m0, int64_t m1, const float* x, int tail,
+                      float* y, int64_t ldy, int mode, const Epilogue& ep) {
+  if constexpr (NV >= 1) {
+    if (nv == NV)
+      spmm_tile<NV, kSpmmU, true>(rp, off, val, perm, m0, m1, x, tail, y, ldy, mode, ep);
+    else
+      spmm_tail<NV - 1>(nv, rp, off, val, perm, m0, m1, x, tail, y, ldy, mode, ep);
+  }
+}
+
+// Column tiles outer, K blocks inner: the packed X block serves every row while in cache and the
+// output tile stays in cache between K blocks. The tile is zero padded past `width` so partial
+// vectors can be read whole.
+static void spmm(const SpmmArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1, float* y,
+                 int64_t ldy, const Epilogue& ep, float* buf) {
+  constexpr int NT = kSpmmNV * W;
+  Epilogue e = ep;
+  for (int64_t n = n0; n < n1; n += NT) {
+    const int64_t width = imin(NT, n1 - n);
+    e.res = ep.res ? ep.res + n : nullptr;
+    for (int64_t b = 0; b < a.nblocks; ++b) {
+      const int64_t k0 = b * a.kb, kc = imin(a.kb, a.K - k0);
+      const bool ahead = n + NT < n1;
+      if (a.cs == 1) {
+        for (int64_t k = 0; k < kc; ++k) {
+          const float* src = a.x + a.koff[k0 + k] + n;
+          copy_row<NT / W>(src, (int)width, buf + k * NT);
+          // the next tile's copy of this row: on its way to L2 while this tile computes
+          if (ahead)
+            for (int l = 0; l < NT; l += 16) __builtin_prefetch(src + NT + l, 0, 2);
+        }
+      } else {
+        // transposed source: runs of 16 k along each memory row, so reads stay on one line
+        for (int64_t kk = 0; kk < kc; kk += 16) {
+          const int64_t ke = imin(kc, kk + 16);
+          for (int64_t j = 0; j < width; ++j) {
+            const float* src = a.x + (n + j) * a.cs;
+            for (int64_t k = kk; k < ke; ++k) buf[k * NT + j] = src[a.koff[k0 + k]];
+          }
+          for (int64_t k = kk; k < ke; ++k)
+            for (int64_t j = width; j < NT; ++j) buf[k * NT + j] = 0.f;
+        }
+      }
+      const int32_t* rp = a.row_ptr + b * a.rp_stride;
+      const int mode = (b == 0 ? kTileFirst : 0) | (b + 1 == a.nblocks ? kTileLast : 0);
+      if (width == NT) {
+        spmm_tile<kSpmmNV, kSpmmU, false>(rp, a.off, a.val, a.perm, m0, m1, buf, W, y + n, ldy,
+                                          mode, e);
+      } else {
+        const int nv = (int)((width + W - 1) / W);
+        spmm_tail<kSpmmNV>(nv, rp, a.off, a.val, a.perm, m0, m1, buf,
+                           (int)(width - (int64_t)(nv - 1) * W), y + n, ldy, mode, e);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dense GEMM: X packed per call into panels [k][width]; W packed once into [k][kGemmMR].
+static void gemm_pack_x(const float* x, const int64_t* koff, int64_t cs, int64_t kc, int64_t nc,
+                        float* xp) {
+  constexpr int NR = kGemmNV * W;
+  for (int64_t j0 = 0; j0 < nc; j0 += NR) {
+    const int64_t w = imin(NR, nc - j0);
+    const int64_t width = (w + W - 1) / W * W;
+    float* dst = xp + j0 * kc;
+    if (cs == 1 && width == NR) {
+      for (int64_t k = 0; k < kc; ++k) copy_row<kGemmNV>(x + koff[k] + j0, (int)w, dst + k * NR);
+    } else if (cs == 1) {
+      for (int64_t k = 0; k < kc; ++k) {
+        std::memcpy(dst + k * width, x + koff[k] + j0, sizeof(float) * w);
+        for (int64_t j = w; j < width; ++j) dst[k * width + j] = 0.f;
+      }
+    } else {
+      // columns of X are rows of memory here (linear's X [T, K]): walk each in runs of 16 k so
+      // the reads stay on one cache line instead of touching `w` lines a stride apart per k
+      for (int64_t k0 = 0; k0 < kc; k0 += 16) {
+        const int64_t k1 = imin(kc, k0 + 16);
+        for (int64_t j = 0; j < w; ++j) {
+          const float* src = x + (j0 + j) * cs;
+          for (int64_t k = k0; k < k1; ++k) dst[k * width + j] = src[koff[k]];
+        }
+        for (int64_t k = k0; k < k1; ++k)
+          for (int64_t j = w; j < width; ++j) dst[k * width + j] = 0.f;
+      }
+    }
+  }
+}
+
+template <int R, int NV>
+static void gemm_micro(int64_t kc, const float* wp, const float* xp, int rows, int cols, float* y,
+                       int64_t ldy, int mode, const Epilogue& ep) {
+  V acc[R][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      const int left = cols - v * W;
+      if ((mode & kTileFirst) || r >= rows || left <= 0) acc[r][v] = Simd::zero();
+      else if (left >= W) acc[r][v] = Simd::load(y + r * ldy + v * W);
+      else acc[r][v] = Simd::loadn(y + r * ldy + v * W, left);
+    }
+  }
+  for (int64_t k = 0; k < kc; ++k) {
+    V xv[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) xv[v] = Simd::load(xp + k * (NV * W) + v * W);
+    const float* wk = wp + k * kGemmMR;
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const V wv = Simd::set1(wk[r]);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[r][v] = Simd::fma(wv, xv[v], acc[r][v]);
+    }
+  }
+  const bool last = mode & kTileLast;
+  const V lo = Simd::set1(ep.lo), hi = Simd::set1(ep.hi);
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    if (r >= rows) break;
+    const V bias = (last && ep.bias) ? Simd::set1(ep.bias[r]) : Simd::zero();
+    const float* rr = (last && ep.res) ? ep.res + r * ep.ld_res : nullptr;
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      const int left = cols - v * W;
+      if (left <= 0) break;
+      V s = acc[r][v];
+      if (last) {
+        s = Simd::add(s, bias);
+        if (rr) s = Simd::add(s, left >= W ? Simd::load(rr + v * W) : Simd::loadn(rr + v * W, left));
+        s = activate(s, ep.act, lo, hi);
+      }
+      if (left >= W) Simd::store(y + r * ldy + v * W, s);
+      else Simd::storen(y + r * ldy + v * W, s, left);
+    }
+  }
+}
+
+template <int NV>
+static void gemm_rows(int64_t kc, const float* wp, const float* xp, int rows, int cols, float* y,
+                      int64_t ldy, int mode, const Epilogue& ep) {
+  for (int r0 = 0; r0 < rows; r0 += kGemmR) {
+    Epilogue e = ep;
+    if (e.bias) e.bias += r0;
+    if (e.res) e.res += r0 * e.ld_res;
+    const int nr = rows - r0 < kGemmR ? rows - r0 : kGemmR;
+    gemm_micro<kGemmR, NV>(kc, wp + r0, xp, nr, cols, y + r0 * ldy, ldy, mode, e);
+  }
+}
+
+static void gemm_tile(int64_t kc, const float* wp, const float* xp, int width, int rows, int cols,
+                      float* y, int64_t ldy, int mode, const Epilogue& ep) {
+  switch (width / W) {
+    case 1: gemm_rows<1>(kc, wp, xp, rows, cols, y, ldy, mode, ep); break;
+    case 2: gemm_rows<2>(kc, wp, xp, rows, cols, y, ldy, mode, ep); break;
+    default: gemm_rows<3>(kc, wp, xp, rows, cols, y, ldy, mode, ep); break;
+  }
+}
+
+static void gemv(const float* wp, int64_t p0, int64_t p1, int64_t K, const float* xexp,
+                 float* out) {
+  constexpr int G = 16 / W;  // vectors per 16 floats (two K steps of a panel)
+  const int64_t len = K * kGemmMR;
+  for (int64_t p = p0; p < p1; ++p) {
+    const float* a = wp + p * K * kGemmMR;
+    V acc0[G], acc1[G];
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) acc0[g] = acc1[g] = Simd::zero();
+    int64_t i = 0;
+    for (; i + 32 <= len; i += 32) {
+#pragma GCC unroll 4
+      for (int g = 0; g < G; ++g) {
+        acc0[g] = Simd::fma(Simd::load(a + i + g * W), Simd::load(xexp + i + g * W), acc0[g]);
+        acc1[g] = Simd::fma(Simd::load(a + i + 16 + g * W), Simd::load(xexp + i + 16 + g * W),
+                            acc1[g]);
+      }
+    }
+    for (; i < len; i += 16)  // at most two more steps; the last may be half a vector wide
+#pragma GCC unroll 4
+      for (int g = 0; g < G; ++g) {
+        const int64_t left = len - i - g * W;
+        if (left <= 0) break;
+        const V av = left >= W ? Simd::load(a + i + g * W) : Simd::loadn(a + i + g * W, (int)left);
+        acc0[g] = Simd::fma(av, Simd::load(xexp + i + g * W), acc0[g]);
+      }
+    float t[16];
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) Simd::store(t + g * W, Simd::add(acc0[g], acc1[g]));
+    for (int r = 0; r < kGemmMR; ++r) out[(p - p0) * kGemmMR + r] = t[r] + t[r + 8];
+  }
+}
+
+// Four output pixels per step so four FMA chains are in flight.
+static void dw_channels(const float* in, int64_t wp, const float* wv, int kh, int kw, int sh,
+                        int sw, int dh, int dw, int64_t oh, int64_t ow, float* out,
+                        const Epilogue& ep) {
+  const int taps = kh * kw;
+  const V bias = Simd::load(wv + taps * W);
+  const V lo = Simd::set1(ep.lo), hi = Simd::set1(ep.hi);
+  const int64_t step = (int64_t)sw * W;
+  for (int64_t oy = 0; oy < oh; ++oy) {
+    int64_t ox = 0;
+    for (; ox + 4 <= ow; ox += 4) {
+      V a0 = bias, a1 = bias, a2 = bias, a3 = bias;
+      for (int i = 0; i < kh; ++i) {
+        const float* row = in + (oy * sh + (int64_t)i * dh) * wp * W + ox * step;
+        for (int j = 0; j < kw; ++j) {
+          const V wt = Simd::load(wv + (i * kw + j) * W);
+          const float* p = row + (int64_t)j * dw * W;
+          a0 = Simd::fma(wt, Simd::load(p), a0);
+          a1 = Simd::fma(wt, Simd::load(p + step), a1);
+          a2 = Simd::fma(wt, Simd::load(p + 2 * step), a2);
+          a3 = Simd::fma(wt, Simd::load(p + 3 * step), a3);
+        }
+      }
+      float* o = out + (oy * ow + ox) * W;
+      Simd::store(o, activate(a0, ep.act, lo, hi));
+      Simd::store(o + W, activate(a1, ep.act, lo, hi));
+      Simd::store(o + 2 * W, activate(a2, ep.act, lo, hi));
+      Simd::store(o + 3 * W, activate(a3, ep.act, lo, hi));
+    }
+    for (; ox < ow; ++ox) {
+      V a = bias;
+      for (int i = 0; i < kh; ++i) {
+        const float* row = in + (oy * sh + (int64_t)i * dh) * wp * W + ox * step;
+        for (int j = 0; j < kw; ++j)
+          a = Simd::fma(Simd::load(wv + (i * kw + j) * W), Simd::load(row + (int64_t)j * dw * W), a);
+      }
+      Simd::store(out + (oy * ow + ox) * W, activate(a, ep.act, lo, hi));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Windowed plane ops (depthwise conv, max/sum pooling) over a padded plane stored as column
+// phases, so every tap reads a contiguous run of the output row's width.
+template <int OP, int NV, bool TAIL>
+static inline void window_block(const float* x, const int64_t* tap_off, int taps, const float* w,
+                                int tail, float* y, const Epilogue& ep) {
+  V acc[NV];
+  const V init = OP == 1 ? Simd::set1(-__builtin_inff()) : Simd::zero();
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) acc[v] = init;
+  for (int t = 0; t < taps; ++t) {
+    const float* src = x + tap_off[t];
+    const V wv = OP == 0 ? Simd::set1(w[t]) : Simd::zero();
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      const V xv = (TAIL && v == NV - 1) ? Simd::loadn(src + v * W, tail) : Simd::load(src + v * W);
+      if (OP == 0) acc[v] = Simd::fma(wv, xv, acc[v]);
+      else if (OP == 1) acc[v] = Simd::max(xv, acc[v]);
+      else acc[v] = Simd::add(acc[v], xv);
+    }
+  }
+  const V lo = Simd::set1(ep.lo), hi = Simd::set1(ep.hi);
+  const V bias = (OP == 0 && ep.bias) ? Simd::set1(ep.bias[0]) : Simd::zero();
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) {
+    V s = acc[v];
+    if (OP == 0) s = activate(Simd::add(s, bias), ep.act, lo, hi);
+    if (TAIL && v == NV - 1) Simd::storen(y + v * W, s, tail); else Simd::store(y + v * W, s);
+  }
+}
+
+template <int OP>
+static void window_plane_t(const float* x, const int64_t* tap_off, int taps, int64_t row_step,
+                           const float* w, int64_t oh, int64_t ow, float* y, const Epilogue& ep) {
+  constexpr int NT = kWinNV * W;
+  for (int64_t oy = 0; oy < oh; ++oy) {
+    const float* xr = x + oy * row_step;
+    float* yr = y + oy * ow;
+    int64_t ox = 0;
+    for (; ox + NT <= ow; ox += NT)
+      window_block<OP, kWinNV, false>(xr + ox, tap_off, taps, w, W, yr + ox, ep);
+    for (; ox < ow; ox += W) {
+      const int64_t left = ow - ox;
+      if (left >= W) window_block<OP, 1, false>(xr + ox, tap_off, taps, w, W, yr + ox, ep);
+      else window_block<OP, 1, true>(xr + ox, tap_off, taps, w, (int)left, yr + ox, ep);
+    }
+  }
+}
+
+static void window_plane(int op, const float* x, const int64_t* tap_off, int taps,
+                         int64_t row_step, const float* w, int64_t oh, int64_t ow, float* y,
+                         const Epilogue& ep) {
+  if (op == 0) window_plane_t<0>(x, tap_off, taps, row_step, w, oh, ow, y, ep);
+  else if (op == 1) window_plane_t<1>(x, tap_off, taps, row_step, w, oh, ow, y, ep);
+  else window_plane_t<2>(x, tap_off, taps, row_step, w, oh, ow, y, ep);
+}
+
+static const KernelTable kTable = {
+    SPARSIFY_ISA_NAME, W, kGemmNV * W, kSpmmNV * W, &spmm, &gemm_pack_x, &gemm_tile, &gemv,
+    &dw_channels, &window_plane,
+};

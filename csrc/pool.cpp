@@ -1,0 +1,68 @@
+// Pooling, global average pooling and the fused elementwise add + activation.
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "core.h"
+#include "parallel.h"
+
+namespace sparsify {
+namespace {
+
+constexpr int64_t kSerialWork = 32 * 1024;
+
+}  // namespace
+
+void run_max_pool(const float* x, const ConvShape& s, float* y) {
+  run_window_planes(1, nullptr, x, s, -INFINITY, nullptr, kActNone, 0.f, 0.f, y);
+}
+
+void run_avg_pool(const float* x, const ConvShape& s, bool count_include_pad, float* y) {
+  run_window_planes(2, nullptr, x, s, 0.f, nullptr, kActNone, 0.f, 0.f, y);
+  // divisor per output cell is separable: rows x columns inside the counted region
+  std::vector<float> rh(s.oh), rw(s.ow);
+  auto count = [&](int64_t o, int64_t stride, int64_t pad0, int64_t pad1, int64_t k,
+                   int64_t size) {
+    const int64_t start = o * stride - pad0;
+    if (count_include_pad) return std::min(start + k, size + pad1) - start;
+    return std::min(start + k, size) - std::max<int64_t>(start, 0);
+  };
+  for (int64_t o = 0; o < s.oh; ++o) rh[o] = (float)count(o, s.sh, s.pt, s.pb, s.kh, s.h);
+  for (int64_t o = 0; o < s.ow; ++o) rw[o] = (float)count(o, s.sw, s.pl, s.pr, s.kw, s.w);
+  const int64_t planes = s.n * s.c;
+  parallel_range(planes, planes * s.oh * s.ow < kSerialWork, [&](int64_t pl) {
+    for (int64_t oy = 0; oy < s.oh; ++oy) {
+      float* d = y + (pl * s.oh + oy) * s.ow;
+      for (int64_t ox = 0; ox < s.ow; ++ox) d[ox] /= rh[oy] * rw[ox];
+    }
+  });
+}
+
+void run_global_avg_pool(const float* x, int64_t planes, int64_t size, float* y) {
+  parallel_range(planes, planes * size < kSerialWork, [&](int64_t p) {
+    const float* src = x + p * size;
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t i = 0;
+    for (; i + 8 <= size; i += 8)
+      for (int j = 0; j < 8; ++j) acc[j] += src[i + j];
+    double total = 0.0;
+    for (int j = 0; j < 8; ++j) total += acc[j];
+    for (; i < size; ++i) total += src[i];
+    y[p] = size ? (float)(total / (double)size) : NAN;
+  });
+}
+
+void run_add_act(const float* a, const float* b, int64_t n, int act, float lo, float hi,
+                 float* y) {
+  constexpr int64_t kChunk = 16 * 1024;
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  parallel_range(chunks, n < 8 * kSerialWork, [&](int64_t c) {
+    for (int64_t i = c * kChunk; i < std::min(n, (c + 1) * kChunk); ++i) {
+      float v = a[i] + b[i];
+      if (act != kActNone) v = v < lo ? lo : (v > hi ? hi : v);
+      y[i] = v;
+    }
+  });
+}
+
+}  // namespace sparsify

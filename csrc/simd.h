@@ -1,0 +1,67 @@
+// Vector traits for one ISA; each isa_*.cpp defines SPARSIFY_SIMD_* before including this
+// inside its own namespace (so same-named inline functions never merge across ISA builds).
+// Included after <immintrin.h> and <cstring>.
+
+#if defined(SPARSIFY_SIMD_AVX512)
+struct Simd {
+  using V = __m512;
+  static constexpr int W = 16;
+  static inline __mmask16 mask(int n) { return (__mmask16)((1u << n) - 1u); }
+  static inline V zero() { return _mm512_setzero_ps(); }
+  static inline V set1(float a) { return _mm512_set1_ps(a); }
+  static inline V load(const float* p) { return _mm512_loadu_ps(p); }
+  static inline V loadn(const float* p, int n) { return _mm512_maskz_loadu_ps(mask(n), p); }
+  static inline void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static inline void storen(float* p, V v, int n) { _mm512_mask_storeu_ps(p, mask(n), v); }
+  static inline V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static inline V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static inline V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  // second operand wins on NaN, so NaN inputs propagate through relu/clip/max
+  static inline V max(V a, V b) { return _mm512_max_ps(a, b); }
+  static inline V min(V a, V b) { return _mm512_min_ps(a, b); }
+};
+#elif defined(SPARSIFY_SIMD_AVX2)
+struct Simd {
+  using V = __m256;
+  static constexpr int W = 8;
+  static inline __m256i mask(int n) {
+    static const int32_t bits[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bits + 8 - n));
+  }
+  static inline V zero() { return _mm256_setzero_ps(); }
+  static inline V set1(float a) { return _mm256_set1_ps(a); }
+  static inline V load(const float* p) { return _mm256_loadu_ps(p); }
+  static inline V loadn(const float* p, int n) { return _mm256_maskload_ps(p, mask(n)); }
+  static inline void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static inline void storen(float* p, V v, int n) { _mm256_maskstore_ps(p, mask(n), v); }
+  static inline V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static inline V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static inline V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static inline V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static inline V min(V a, V b) { return _mm256_min_ps(a, b); }
+};
+#else  // SSE2: every x86-64 has it
+struct Simd {
+  using V = __m128;
+  static constexpr int W = 4;
+  static inline V zero() { return _mm_setzero_ps(); }
+  static inline V set1(float a) { return _mm_set1_ps(a); }
+  static inline V load(const float* p) { return _mm_loadu_ps(p); }
+  static inline V loadn(const float* p, int n) {
+    float t[4] = {0.f, 0.f, 0.f, 0.f};
+    std::memcpy(t, p, sizeof(float) * n);
+    return _mm_loadu_ps(t);
+  }
+  static inline void store(float* p, V v) { _mm_storeu_ps(p, v); }
+  static inline void storen(float* p, V v, int n) {
+    float t[4];
+    _mm_storeu_ps(t, v);
+    std::memcpy(p, t, sizeof(float) * n);
+  }
+  static inline V fma(V a, V b, V c) { return _mm_add_ps(_mm_mul_ps(a, b), c); }
+  static inline V add(V a, V b) { return _mm_add_ps(a, b); }
+  static inline V mul(V a, V b) { return _mm_mul_ps(a, b); }
+  static inline V max(V a, V b) { return _mm_max_ps(a, b); }
+  static inline V min(V a, V b) { return _mm_min_ps(a, b); }
+};
+#endif

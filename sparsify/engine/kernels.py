@@ -1,0 +1,325 @@
+"""Python face of the C++ core (``sparsify.engine._core``): packed weights and fused kernels.
+
+Each function here has a NumPy twin with the same signature in ``reference.py``. This layer
+only checks shapes and dtypes (raising ``InputError``), makes arrays C-contiguous float32,
+allocates outputs and forwards raw buffers; every loop runs in C++ with the GIL released.
+
+Layouts follow ONNX: activations NCHW, ``pads = (top, left, bottom, right)``, and a Conv
+weight [M, C/group, kh, kw] is packed as the matrix [M, C/group * kh * kw].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from sparsify.engine.reference import conv_out_size, parse_act
+from sparsify.errors import EngineError, InputError
+
+try:
+    from sparsify.engine import _core
+except ImportError as err:  # pragma: no cover - only without a build
+    raise ImportError(
+        "sparsify's C++ core (sparsify.engine._core) is not built; install the package with "
+        "`pip install -e .` (needs a C++17 compiler and CMake) and retry"
+    ) from err
+
+__all__ = [
+    "PackedWeight", "gemm", "linear", "conv2d", "depthwise_conv2d", "max_pool2d", "avg_pool2d",
+    "global_avg_pool", "add_act", "set_num_threads", "get_num_threads", "isa", "sparse_wins",
+]
+
+
+def sparse_wins(shape: tuple[int, int], sparsity: float) -> bool:
+    """Whether the sparse kernel beats the dense one for a weight [M, K] with this sparsity.
+
+    Measured with ``scripts/bench_kernels.py --only crossover`` (1 thread, CPU time, min of
+    repeats, AVX-512) on the GEMM form of every ResNet-50 conv and BERT-base linear shape: the
+    break-even sparsity was 0.30-0.49 for K < 2048 and 0.49-0.52 for K >= 2048, where the
+    dense kernel's long register-blocked reductions are at their best (two runs agreed within
+    a few points). The thresholds sit just above each band, where sparse already wins by
+    5-25%, so a layer near the line keeps the kernel whose speed varies less. Tiny weights
+    keep the dense kernel unless nearly empty: both take microseconds there.
+    """
+    m, k = shape
+    if m * k < 4096:
+        return sparsity >= 0.9
+    return sparsity >= (0.55 if k >= 2048 else 0.5)
+
+
+class PackedWeight:
+    """A constant weight matrix packed once for the sparse (CSR) or dense (panel) kernel."""
+
+    def __init__(self, handle, kind: str, shape: tuple[int, int], nnz: int):
+        self._h = handle
+        self._conv_cache = {}  # conv call geometry by input shape and attributes
+        self.kind = kind
+        self.shape = shape
+        self.nnz = nnz
+        size = shape[0] * shape[1]
+        self.sparsity = 1.0 - nnz / size if size else 0.0
+
+    @classmethod
+    def pack(cls, w2d, kind: str = "auto") -> "PackedWeight":
+        w = np.asarray(w2d)
+        if w.ndim != 2:
+            raise InputError(f"PackedWeight.pack needs a 2-D weight [M, K], got shape {w.shape}")
+        if not np.issubdtype(w.dtype, np.floating):
+            raise InputError(f"PackedWeight.pack needs a float weight, got dtype {w.dtype}")
+        w = np.ascontiguousarray(w, dtype=np.float32)
+        nnz = int(np.count_nonzero(w))
+        if kind == "auto":
+            sparsity = 1.0 - nnz / w.size if w.size else 0.0
+            kind = "sparse" if sparse_wins(w.shape, sparsity) else "dense"
+        if kind == "sparse":
+            handle = _core.SparseWeight(w)
+        elif kind == "dense":
+            handle = _core.DenseWeight(w)
+        else:
+            raise InputError(f"PackedWeight.pack kind must be 'auto', 'sparse' or 'dense', "
+                             f"got {kind!r}")
+        return cls(handle, kind, (int(w.shape[0]), int(w.shape[1])), nnz)
+
+    def to_dense(self) -> np.ndarray:
+        out = np.empty(self.shape, np.float32)
+        self._h.to_dense(out)
+        return out
+
+    def __repr__(self) -> str:
+        return (f"PackedWeight(kind={self.kind!r}, shape={self.shape}, "
+                f"sparsity={self.sparsity:.3f})")
+
+
+def _f32(a, what: str) -> np.ndarray:
+    if type(a) is np.ndarray and a.dtype == np.float32 and a.flags.c_contiguous:
+        return a  # the common case, kept cheap: this runs once per op per inference
+    a = np.asarray(a)
+    if a.dtype != np.float32:
+        if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
+            raise InputError(f"{what} must be a float32 array, got dtype {a.dtype}")
+        a = a.astype(np.float32)
+    return np.ascontiguousarray(a)
+
+
+def _vec(b, n: int, what: str):
+    if b is None:
+        return None
+    b = _f32(b, what)
+    if b.size != n:
+        raise InputError(f"{what} has {b.size} values, expected {n}")
+    return b
+
+
+def _same(r, shape, what: str):
+    if r is None:
+        return None
+    r = _f32(r, what)
+    if r.shape != tuple(shape):
+        if not _broadcastable(r.shape, shape):
+            raise InputError(f"{what} has shape {r.shape}, expected {tuple(shape)}")
+        r = np.ascontiguousarray(np.broadcast_to(r, shape))
+    return r
+
+
+def _broadcastable(src, dst) -> bool:
+    try:
+        return np.broadcast_shapes(src, dst) == tuple(dst)
+    except ValueError:
+        return False
+
+
+def _out(out, shape, what: str) -> np.ndarray:
+    if out is None:
+        return np.empty(shape, np.float32)
+    if out.dtype != np.float32 or not out.flags.c_contiguous or out.shape != tuple(shape):
+        raise InputError(f"{what}: out must be a C-contiguous float32 array of shape "
+                         f"{tuple(shape)}, got {out.dtype} {out.shape}")
+    return out
+
+
+_ACT_CODES = {"none": (0, 0.0, 0.0), None: (0, 0.0, 0.0), "relu": (1, 0.0, float("inf"))}
+
+
+def _act(act):
+    if isinstance(act, str) or act is None:
+        code = _ACT_CODES.get(act)
+        if code is not None:
+            return code
+    try:
+        return parse_act(act)
+    except ValueError as err:
+        raise InputError(str(err)) from None
+
+
+def _check_pw(pw):
+    if not isinstance(pw, PackedWeight):
+        raise EngineError(f"expected a PackedWeight (PackedWeight.pack(w)), got {type(pw).__name__}")
+
+
+def gemm(pw, x, bias=None, act="none", residual=None, out=None):
+    """``act(W @ x + bias[:, None] + residual)`` for x [K, N] -> [M, N]."""
+    _check_pw(pw)
+    m, k = pw.shape
+    x = _f32(x, "gemm input")
+    if x.ndim != 2 or x.shape[0] != k:
+        raise InputError(f"gemm input has shape {x.shape}, expected [{k}, N] for weight {pw.shape}")
+    shape = (m, x.shape[1])
+    code, lo, hi = _act(act)
+    y = _out(out, shape, "gemm")
+    _core.gemm(pw._h, x, _vec(bias, m, "gemm bias"), code, lo, hi,
+               _same(residual, shape, "gemm residual"), y)
+    return y
+
+
+def linear(pw, x, bias=None, act="none", out=None, *, residual=None):
+    """``act(x @ W.T + bias + residual)`` for x [..., K] -> [..., M]; W packed as [out, in]."""
+    _check_pw(pw)
+    m, k = pw.shape
+    x = _f32(x, "linear input")
+    if x.ndim < 1 or x.shape[-1] != k:
+        raise InputError(f"linear input has shape {x.shape}, expected [..., {k}] "
+                         f"for weight {pw.shape}")
+    shape = x.shape[:-1] + (m,)
+    code, lo, hi = _act(act)
+    y = _out(out, shape, "linear")
+    res = _same(residual, shape, "linear residual")
+    _core.linear(pw._h, x.reshape(-1, k), _vec(bias, m, "linear bias"), code, lo, hi,
+                 None if res is None else res.reshape(-1, m), y.reshape(-1, m))
+    return y
+
+
+def _nchw(x, what: str) -> np.ndarray:
+    x = _f32(x, what)
+    if x.ndim != 4:
+        raise InputError(f"{what} must be NCHW (rank 4), got shape {x.shape}")
+    return x
+
+
+def _pair(v, name: str, n: int = 2) -> tuple[int, ...]:
+    try:
+        if n == 2:
+            a, b = v
+            return int(a), int(b)
+        t, l, b, r = v
+        return int(t), int(l), int(b), int(r)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} needs {n} integers, got {v!r}") from None
+
+
+def _conv_geometry(pw, xshape, kernel_shape, strides, pads, dilations, group):
+    """Validated integer arguments and output shape of one conv call (cached per input shape)."""
+    kh, kw = _pair(kernel_shape, "kernel_shape")
+    sh, sw = _pair(strides, "strides")
+    dh, dw = _pair(dilations, "dilations")
+    pt, pl, pb, pr = _pair(pads, "pads", 4)
+    n, c, h, w = xshape
+    m, kk = pw.shape
+    group = int(group)
+    if group < 1 or c % group or m % group or kk != (c // group) * kh * kw:
+        raise InputError(f"conv input has {c} channels; weight {pw.shape} does not fit "
+                         f"group={group}, kernel {kh}x{kw} (expected K = C/group*kh*kw)")
+    shape = (n, m, conv_out_size(h, kh, sh, pt, pb, dh), conv_out_size(w, kw, sw, pl, pr, dw))
+    return (kh, kw, sh, sw, pt, pl, pb, pr, dh, dw, group), shape
+
+
+def conv2d(pw, x, kernel_shape, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), group=1,
+           bias=None, act="none", residual=None, out=None):
+    """ONNX Conv on NCHW; pw holds the weight as [M, C/group * kh * kw]."""
+    _check_pw(pw)
+    x = _nchw(x, "conv input")
+    # an engine calls each layer with the same arguments every run: validate once per shape
+    try:
+        key = (x.shape, tuple(kernel_shape), tuple(strides), tuple(pads), tuple(dilations), group)
+        geom = pw._conv_cache.get(key)
+    except TypeError:
+        key, geom = None, None
+    if geom is None:
+        geom = _conv_geometry(pw, x.shape, kernel_shape, strides, pads, dilations, group)
+        if key is not None and len(pw._conv_cache) < 64:
+            pw._conv_cache[key] = geom
+    args, shape = geom
+    code, lo, hi = _act(act)
+    y = _out(out, shape, "conv2d")
+    _core.conv2d(pw._h, x, *args, _vec(bias, shape[1], "conv bias"), code, lo, hi,
+                 _same(residual, shape, "conv residual"), y)
+    return y
+
+
+def depthwise_conv2d(w, x, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), bias=None,
+                     act="none", out=None):
+    """Depthwise Conv (group == C, one filter per channel); w is [C, 1, kh, kw]."""
+    x = _nchw(x, "depthwise conv input")
+    w = _f32(w, "depthwise weight")
+    n, c, h, wd = x.shape
+    if w.ndim != 4 or w.shape[0] != c or w.shape[1] != 1:
+        raise InputError(f"depthwise weight has shape {w.shape}, expected [{c}, 1, kh, kw]")
+    kh, kw = w.shape[2:]
+    sh, sw = _pair(strides, "strides")
+    dh, dw = _pair(dilations, "dilations")
+    pt, pl, pb, pr = _pair(pads, "pads", 4)
+    shape = (n, c, conv_out_size(h, kh, sh, pt, pb, dh), conv_out_size(wd, kw, sw, pl, pr, dw))
+    code, lo, hi = _act(act)
+    y = _out(out, shape, "depthwise_conv2d")
+    _core.depthwise_conv2d(w, x, sh, sw, pt, pl, pb, pr, dh, dw, _vec(bias, c, "depthwise bias"),
+                           code, lo, hi, y)
+    return y
+
+
+def max_pool2d(x, kernel_shape, strides=None, pads=(0, 0, 0, 0), dilations=(1, 1), ceil_mode=0,
+               out=None):
+    x = _nchw(x, "max pool input")
+    kh, kw = _pair(kernel_shape, "kernel_shape")
+    sh, sw = _pair(strides or (1, 1), "strides")
+    dh, dw = _pair(dilations, "dilations")
+    pt, pl, pb, pr = _pair(pads, "pads", 4)
+    n, c, h, w = x.shape
+    shape = (n, c, conv_out_size(h, kh, sh, pt, pb, dh, ceil_mode),
+             conv_out_size(w, kw, sw, pl, pr, dw, ceil_mode))
+    y = _out(out, shape, "max_pool2d")
+    _core.max_pool2d(x, kh, kw, sh, sw, pt, pl, pb, pr, dh, dw, y)
+    return y
+
+
+def avg_pool2d(x, kernel_shape, strides=None, pads=(0, 0, 0, 0), ceil_mode=0,
+               count_include_pad=0, out=None):
+    x = _nchw(x, "average pool input")
+    kh, kw = _pair(kernel_shape, "kernel_shape")
+    sh, sw = _pair(strides or (1, 1), "strides")
+    pt, pl, pb, pr = _pair(pads, "pads", 4)
+    n, c, h, w = x.shape
+    shape = (n, c, conv_out_size(h, kh, sh, pt, pb, 1, ceil_mode),
+             conv_out_size(w, kw, sw, pl, pr, 1, ceil_mode))
+    y = _out(out, shape, "avg_pool2d")
+    _core.avg_pool2d(x, kh, kw, sh, sw, pt, pl, pb, pr, int(bool(count_include_pad)), y)
+    return y
+
+
+def global_avg_pool(x, out=None):
+    x = _nchw(x, "global average pool input")
+    y = _out(out, x.shape[:2] + (1, 1), "global_avg_pool")
+    _core.global_avg_pool(x, y)
+    return y
+
+
+def add_act(a, b, act="none", out=None):
+    """Fused elementwise ``act(a + b)``; b must have a's shape (or broadcast to it)."""
+    a = _f32(a, "add input")
+    b = _same(b, a.shape, "add operand")
+    code, lo, hi = _act(act)
+    y = _out(out, a.shape, "add_act")
+    _core.add_act(a, b, code, lo, hi, y)
+    return y
+
+
+def set_num_threads(n: int) -> None:
+    if int(n) <= 0:
+        raise InputError(f"threads must be a positive integer, got {n}")
+    _core.set_num_threads(int(n))
+
+
+def get_num_threads() -> int:
+    return _core.get_num_threads()
+
+
+def isa() -> str:
+    """The instruction set the core picked at import ("avx512", "avx2" or "portable")."""
+    return _core.isa()

@@ -1,0 +1,218 @@
+"""NumPy twins of every kernel in ``sparsify.engine.kernels``: same names, same signatures.
+
+They define what the C++ core must compute and are what the kernel tests compare against. They
+favour obviousness over speed (float64 accumulation, explicit padding), so a disagreement points
+at the core. Layouts follow ONNX: NCHW activations, ``pads = (top, left, bottom, right)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+_ACTS = ("none", "relu")
+
+
+def parse_act(act) -> tuple[int, float, float]:
+    """``"none"`` / ``"relu"`` / ``("clip", lo, hi)`` -> (code, lo, hi); 0 none, 1 relu, 2 clip."""
+    if act is None or (isinstance(act, str) and act == "none"):
+        return 0, -math.inf, math.inf
+    if isinstance(act, str) and act == "relu":
+        return 1, 0.0, math.inf
+    if isinstance(act, (tuple, list)) and len(act) == 3 and act[0] == "clip":
+        lo = -math.inf if act[1] is None else float(act[1])
+        hi = math.inf if act[2] is None else float(act[2])
+        return 2, lo, hi
+    raise ValueError(f"act must be 'none', 'relu' or ('clip', lo, hi), got {act!r}")
+
+
+def apply_act(y: np.ndarray, act) -> np.ndarray:
+    code, lo, hi = parse_act(act)
+    if code == 1:
+        return np.maximum(y, 0.0)
+    if code == 2:
+        return np.clip(y, lo, hi)
+    return y
+
+
+def weight_matrix(pw) -> np.ndarray:
+    """The dense [M, K] matrix behind a PackedWeight (or an ndarray passed as is)."""
+    if isinstance(pw, np.ndarray):
+        return pw.astype(np.float32)
+    return np.asarray(pw.to_dense(), dtype=np.float32)
+
+
+def conv_out_size(size: int, kernel: int, stride: int, pad_begin: int, pad_end: int,
+                  dilation: int = 1, ceil_mode: int = 0) -> int:
+    """ONNX output length along one axis; with ceil_mode a window starting in the end padding
+    is dropped (the rule onnxruntime and PyTorch share)."""
+    span = size + pad_begin + pad_end - dilation * (kernel - 1) - 1
+    if span < 0:
+        return 0
+    if ceil_mode:
+        out = -(-span // stride) + 1
+        if (out - 1) * stride >= size + pad_begin:
+            out -= 1
+        return out
+    return span // stride + 1
+
+
+def _epilogue(y, bias, act, residual):
+    if bias is not None:
+        y = y + np.asarray(bias, np.float64).reshape((-1,) + (1,) * (y.ndim - 1))
+    if residual is not None:
+        y = y + np.asarray(residual, np.float64)
+    return apply_act(y, act).astype(np.float32)
+
+
+def gemm(pw, x, bias=None, act="none", residual=None, out=None):
+    """``act(W @ x + bias[:, None] + residual)`` for x [K, N] -> [M, N]."""
+    w = weight_matrix(pw).astype(np.float64)
+    y = _epilogue(w @ np.asarray(x, np.float64), bias, act, residual)
+    if out is not None:
+        out[...] = y
+        return out
+    return y
+
+
+def linear(pw, x, bias=None, act="none", out=None, *, residual=None):
+    """``act(x @ W.T + bias + residual)`` for x [..., K] -> [..., M] (W packed as [out, in])."""
+    w = weight_matrix(pw).astype(np.float64)
+    y = np.asarray(x, np.float64) @ w.T
+    if bias is not None:
+        y = y + np.asarray(bias, np.float64)
+    if residual is not None:
+        y = y + np.asarray(residual, np.float64)
+    y = apply_act(y, act).astype(np.float32)
+    if out is not None:
+        out[...] = y
+        return out
+    return y
+
+
+def _patches(x, kernel_shape, strides, pads, dilations, pad_value=0.0, ceil_mode=0):
+    """x [N, C, H, W] -> windows [N, C, kh, kw, OH, OW] (padding filled with pad_value)."""
+    n, c, h, w = x.shape
+    kh, kw = kernel_shape
+    sh, sw = strides
+    dh, dw = dilations
+    pt, pl, pb, pr = pads
+    oh = conv_out_size(h, kh, sh, pt, pb, dh, ceil_mode)
+    ow = conv_out_size(w, kw, sw, pl, pr, dw, ceil_mode)
+    # extra end padding so every (possibly ceil_mode) window slice is in range
+    need_h = (oh - 1) * sh + dh * (kh - 1) + 1 if oh > 0 else 0
+    need_w = (ow - 1) * sw + dw * (kw - 1) + 1 if ow > 0 else 0
+    eb = max(need_h - (h + pt), pb, 0)
+    er = max(need_w - (w + pl), pr, 0)
+    xp = np.full((n, c, h + pt + eb, w + pl + er), pad_value, dtype=np.float64)
+    xp[:, :, pt:pt + h, pl:pl + w] = x
+    cols = np.empty((n, c, kh, kw, oh, ow), dtype=np.float64)
+    for i in range(kh):
+        for j in range(kw):
+            r0, c0 = i * dh, j * dw
+            cols[:, :, i, j] = xp[:, :, r0:r0 + sh * (oh - 1) + 1:sh, c0:c0 + sw * (ow - 1) + 1:sw]
+    return cols, oh, ow
+
+
+def conv2d(pw, x, kernel_shape, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), group=1,
+           bias=None, act="none", residual=None, out=None):
+    """ONNX Conv on NCHW; pw holds the weight as [M, C/group * kh * kw]."""
+    x = np.asarray(x, np.float64)
+    n, c = x.shape[:2]
+    w = weight_matrix(pw).astype(np.float64)
+    m = w.shape[0]
+    cols, oh, ow = _patches(x, kernel_shape, strides, pads, dilations)
+    cg, mg = c // group, m // group
+    y = np.empty((n, m, oh, ow), dtype=np.float64)
+    for g in range(group):
+        cg_cols = cols[:, g * cg:(g + 1) * cg].reshape(n, -1, oh * ow)
+        y[:, g * mg:(g + 1) * mg] = (w[g * mg:(g + 1) * mg] @ cg_cols).reshape(n, mg, oh, ow)
+    y = _epilogue(y.transpose(1, 0, 2, 3), bias, act,
+                  None if residual is None else np.asarray(residual).transpose(1, 0, 2, 3))
+    y = np.ascontiguousarray(y.transpose(1, 0, 2, 3))
+    if out is not None:
+        out[...] = y
+        return out
+    return y
+
+
+def depthwise_conv2d(w, x, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), bias=None,
+                     act="none", out=None):
+    """Depthwise Conv (group == C, one filter per channel); w is [C, 1, kh, kw]."""
+    w = np.asarray(w, np.float32)
+    c, _, kh, kw = w.shape
+    return conv2d(w.reshape(c, kh * kw), x, (kh, kw), strides, pads, dilations, c, bias, act,
+                  None, out)
+
+
+def max_pool2d(x, kernel_shape, strides=None, pads=(0, 0, 0, 0), dilations=(1, 1), ceil_mode=0,
+               out=None):
+    strides = strides or (1, 1)
+    cols, _, _ = _patches(np.asarray(x, np.float64), kernel_shape, strides, pads, dilations,
+                          -np.inf, ceil_mode)
+    y = cols.max(axis=(2, 3)).astype(np.float32)
+    if out is not None:
+        out[...] = y
+        return out
+    return y
+
+
+def avg_pool2d(x, kernel_shape, strides=None, pads=(0, 0, 0, 0), ceil_mode=0,
+               count_include_pad=0, out=None):
+    """Average pool; with count_include_pad the divisor counts padding but never the extra
+    cells a ceil_mode window reaches beyond the end padding (onnxruntime's rule)."""
+    strides = strides or (1, 1)
+    x = np.asarray(x, np.float64)
+    h, w = x.shape[2:]
+    cols, oh, ow = _patches(x, kernel_shape, strides, pads, (1, 1), 0.0, ceil_mode)
+    sums = cols.sum(axis=(2, 3))
+    kh, kw = kernel_shape
+    pt, pl, pb, pr = pads
+
+    def counts(size, k, s, p0, p1, o):
+        start = np.arange(o) * s - p0
+        if count_include_pad:
+            return np.minimum(start + k, size + p1) - start
+        return np.minimum(start + k, size) - np.maximum(start, 0)
+
+    ch = counts(h, kh, strides[0], pt, pb, oh)
+    cw = counts(w, kw, strides[1], pl, pr, ow)
+    y = (sums / np.outer(ch, cw)).astype(np.float32)
+    if out is not None:
+        out[...] = y
+        return out
+    return y
+
+
+def global_avg_pool(x, out=None):
+    y = np.asarray(x, np.float64).mean(axis=(2, 3), keepdims=True).astype(np.float32)
+    if out is not None:
+        out[...] = y
+        return out
+    return y
+
+
+def add_act(a, b, act="none", out=None):
+    """Fused elementwise ``act(a + b)`` for same-shaped arrays."""
+    y = apply_act(np.asarray(a, np.float64) + np.asarray(b, np.float64), act).astype(np.float32)
+    if out is not None:
+        out[...] = y
+        return out
+    return y
+
+
+_threads = 1
+
+
+def set_num_threads(n: int) -> None:
+    global _threads
+    _threads = int(n)
+
+
+def get_num_threads() -> int:
+    return _threads
+
+
+def isa() -> str:
+    return "reference"

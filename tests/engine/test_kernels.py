@@ -1,0 +1,326 @@
+"""The C++ kernels against their NumPy twins, on every ISA build this CPU can run.
+
+Each test runs once per ISA (switched with the core's ``set_isa`` test hook; packed weights
+stay valid across ISAs) on random shapes chosen to hit the edges: empty output rows, all-zero
+weights, single elements, sizes that are not multiples of the vector width, N = 1, batches,
+groups, dilations, asymmetric pads and ceil_mode.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from sparsify.engine import _core, kernels, reference
+from sparsify.errors import InputError
+
+ISAS = [name for name in ("avx512", "avx2", "portable") if _core.isa_supported(name)]
+ACTS = ["none", "relu", ("clip", -0.5, 0.75)]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    before = _core.isa()
+    _core.set_isa(request.param)
+    yield request.param
+    _core.set_isa(before)
+
+
+def close(got, want, tol=1e-5, scale=None):
+    """Within tol relative to `scale`: the size of the terms summed (float32 rounding grows with
+    them, not with the result, which clip or cancellation can make small)."""
+    assert got.shape == want.shape, (got.shape, want.shape)
+    if scale is None:
+        scale = float(np.abs(want).max()) if want.size else 1.0
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * max(1.0, scale))
+
+
+def term_scale(w, x):
+    return float((np.abs(w).astype(np.float64) @ np.abs(x).astype(np.float64)).max())
+
+
+def sparse_matrix(rng, m, k, sparsity, empty_rows=0):
+    w = rng.standard_normal((m, k)).astype(np.float32)
+    w *= rng.random((m, k)) >= sparsity
+    w[:empty_rows] = 0.0  # whole output rows with no nonzero
+    return w
+
+
+GEMM_SHAPES = [  # (M, K, N)
+    (1, 1, 1), (3, 5, 1), (7, 13, 5), (17, 33, 49), (8, 16, 16), (9, 64, 65), (64, 64, 200),
+    (33, 100, 129), (5, 300, 17), (130, 7, 3),
+    (9, 4500, 70), (3, 2100, 129),  # K split into blocks by the sparse kernel on every ISA
+]
+
+
+@pytest.mark.parametrize("kind", ["sparse", "dense"])
+@pytest.mark.parametrize("m,k,n", GEMM_SHAPES)
+def test_gemm(isa, kind, m, k, n):
+    rng = np.random.default_rng(m * 1000 + k * 10 + n)
+    w = sparse_matrix(rng, m, k, 0.7, empty_rows=min(2, m - 1))
+    x = rng.standard_normal((k, n)).astype(np.float32)
+    bias = rng.standard_normal(m).astype(np.float32)
+    res = rng.standard_normal((m, n)).astype(np.float32)
+    pw = kernels.PackedWeight.pack(w, kind)
+    scale = term_scale(w, x)
+    for act in ACTS:
+        close(kernels.gemm(pw, x, bias, act, res), reference.gemm(w, x, bias, act, res),
+              scale=scale)
+    close(kernels.gemm(pw, x), reference.gemm(w, x), scale=scale)
+
+
+@pytest.mark.parametrize("kind", ["sparse", "dense"])
+def test_gemm_all_zero_weight_gives_epilogue_only(isa, kind):
+    rng = np.random.default_rng(1)
+    w = np.zeros((19, 23), np.float32)
+    x = rng.standard_normal((23, 37)).astype(np.float32)
+    bias = rng.standard_normal(19).astype(np.float32)
+    pw = kernels.PackedWeight.pack(w, kind)
+    assert pw.nnz == 0 and pw.sparsity == 1.0
+    close(kernels.gemm(pw, x, bias, "relu"), np.maximum(np.repeat(bias[:, None], 37, 1), 0))
+
+
+def test_conv_lowerings_agree():
+    """Direct (1x1), phased (shifted planes, no im2col) and im2col lowerings against the twin."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((2, 6, 12, 12)).astype(np.float32)
+    for ks, st, pads in [((1, 1), (1, 1), (0,) * 4), ((1, 1), (2, 2), (0,) * 4),
+                         ((3, 3), (1, 1), (1,) * 4), ((3, 3), (2, 2), (1,) * 4),
+                         ((5, 5), (1, 1), (2, 1, 0, 2)), ((7, 7), (3, 3), (3,) * 4)]:
+        w = sparse_matrix(rng, 10, 6 * ks[0] * ks[1], 0.5)
+        for kind in ("sparse", "dense"):
+            pw = kernels.PackedWeight.pack(w, kind)
+            close(kernels.conv2d(pw, x, ks, st, pads), reference.conv2d(w, x, ks, st, pads))
+
+
+@pytest.mark.parametrize("kind", ["sparse", "dense"])
+@pytest.mark.parametrize("t,k,m", [(1, 1, 1), (128, 96, 80), (7, 50, 33), (3, 17, 200),
+                                   (1, 77, 40), (1, 300, 9)])
+def test_linear(isa, kind, t, k, m):
+    rng = np.random.default_rng(t + k + m)
+    w = sparse_matrix(rng, m, k, 0.8, empty_rows=1 if m > 1 else 0)
+    x = rng.standard_normal((t, k)).astype(np.float32)
+    bias = rng.standard_normal(m).astype(np.float32)
+    res = rng.standard_normal((t, m)).astype(np.float32)
+    pw = kernels.PackedWeight.pack(w, kind)
+    for act in ACTS:
+        close(kernels.linear(pw, x, bias, act), reference.linear(w, x, bias, act))
+        close(kernels.linear(pw, x, bias, act, residual=res),
+              reference.linear(w, x, bias, act, residual=res))
+
+
+def test_linear_batched_leading_dims(isa):
+    rng = np.random.default_rng(3)
+    w = sparse_matrix(rng, 24, 40, 0.5)
+    x = rng.standard_normal((2, 5, 40)).astype(np.float32)
+    pw = kernels.PackedWeight.pack(w, "sparse")
+    close(kernels.linear(pw, x), reference.linear(w, x))
+
+
+CONV_CASES = [  # (N, C, H, W, M, kernel, strides, pads, dilations, group)
+    (1, 8, 9, 11, 16, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1),
+    (2, 6, 10, 7, 4, (3, 2), (2, 1), (0, 1, 2, 0), (2, 1), 2),
+    (1, 16, 14, 14, 24, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1),
+    (3, 16, 7, 9, 20, (1, 1), (2, 2), (0, 0, 0, 0), (1, 1), 1),
+    (1, 3, 15, 15, 5, (7, 7), (2, 2), (3, 3, 3, 3), (1, 1), 1),
+    (1, 12, 8, 8, 12, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 4),
+    (2, 10, 6, 5, 15, (3, 3), (1, 2), (2, 0, 1, 3), (1, 2), 5),
+    (1, 1, 1, 1, 1, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1),
+    (1, 4, 5, 5, 3, (5, 5), (1, 1), (0, 0, 0, 0), (1, 1), 1),
+]
+
+
+@pytest.mark.parametrize("kind", ["sparse", "dense"])
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv2d(isa, kind, case):
+    n, c, h, w, m, ks, st, pads, dil, g = case
+    rng = np.random.default_rng(sum(case[:5]))
+    wt = sparse_matrix(rng, m, c // g * ks[0] * ks[1], 0.6, empty_rows=1 if m > 1 else 0)
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    bias = rng.standard_normal(m).astype(np.float32)
+    pw = kernels.PackedWeight.pack(wt, kind)
+    want = reference.conv2d(wt, x, ks, st, pads, dil, g, bias, "relu")
+    close(kernels.conv2d(pw, x, ks, st, pads, dil, g, bias, "relu"), want)
+    res = rng.standard_normal(want.shape).astype(np.float32)
+    close(kernels.conv2d(pw, x, ks, st, pads, dil, g, bias, ("clip", 0, 1), res),
+          reference.conv2d(wt, x, ks, st, pads, dil, g, bias, ("clip", 0, 1), res))
+
+
+DW_CASES = [  # (N, C, H, W, k, strides, pads, dilations)
+    (1, 32, 112, 112, 3, (1, 1), (1, 1, 1, 1), (1, 1)),
+    (2, 5, 13, 17, 3, (2, 2), (1, 1, 1, 1), (1, 1)),
+    (1, 7, 15, 9, 5, (2, 2), (2, 2, 2, 2), (1, 1)),
+    (1, 3, 12, 12, 3, (1, 2), (0, 1, 2, 1), (2, 2)),
+    (1, 4, 1, 1, 3, (1, 1), (1, 1, 1, 1), (1, 1)),
+    (1, 6, 20, 33, 5, (1, 1), (2, 2, 2, 2), (1, 1)),
+    # small planes go through the channel-vector path (more channels than one vector)
+    (2, 37, 7, 7, 3, (1, 1), (1, 1, 1, 1), (1, 1)),
+    (1, 40, 14, 14, 5, (2, 2), (2, 1, 2, 2), (1, 1)),
+    (1, 19, 9, 6, 3, (2, 1), (0, 1, 2, 0), (2, 1)),
+]
+
+
+@pytest.mark.parametrize("case", DW_CASES)
+def test_depthwise_conv2d(isa, case):
+    n, c, h, w, k, st, pads, dil = case
+    rng = np.random.default_rng(c * h + w)
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    wt = rng.standard_normal((c, 1, k, k)).astype(np.float32)
+    bias = rng.standard_normal(c).astype(np.float32)
+    for act in ACTS:
+        close(kernels.depthwise_conv2d(wt, x, st, pads, dil, bias, act),
+              reference.depthwise_conv2d(wt, x, st, pads, dil, bias, act))
+
+
+POOL_CASES = [  # (N, C, H, W, kernel, strides, pads, ceil_mode, count_include_pad)
+    (1, 4, 112, 112, (3, 3), (2, 2), (1, 1, 1, 1), 0, 0),
+    (2, 3, 10, 11, (3, 2), (2, 2), (1, 0, 1, 1), 1, 1),
+    (1, 3, 7, 7, (2, 2), (2, 2), (0, 0, 0, 0), 1, 0),
+    (1, 2, 9, 9, (3, 3), (3, 3), (1, 1, 1, 1), 1, 1),
+    (1, 2, 6, 8, (3, 3), (2, 2), (0, 0, 0, 0), 1, 0),
+    (1, 1, 1, 1, (1, 1), (1, 1), (0, 0, 0, 0), 0, 0),
+]
+
+
+@pytest.mark.parametrize("case", POOL_CASES)
+def test_pools(isa, case):
+    n, c, h, w, ks, st, pads, ceil_mode, cip = case
+    x = np.random.default_rng(h * w).standard_normal((n, c, h, w)).astype(np.float32)
+    close(kernels.max_pool2d(x, ks, st, pads, (1, 1), ceil_mode),
+          reference.max_pool2d(x, ks, st, pads, (1, 1), ceil_mode))
+    close(kernels.avg_pool2d(x, ks, st, pads, ceil_mode, cip),
+          reference.avg_pool2d(x, ks, st, pads, ceil_mode, cip))
+
+
+def test_max_pool_dilated(isa):
+    x = np.random.default_rng(5).standard_normal((1, 3, 11, 10)).astype(np.float32)
+    close(kernels.max_pool2d(x, (3, 2), (1, 2), (1, 0, 2, 1), (2, 3), 1),
+          reference.max_pool2d(x, (3, 2), (1, 2), (1, 0, 2, 1), (2, 3), 1))
+
+
+@pytest.mark.parametrize("ceil_mode,cip", [(0, 0), (1, 0), (1, 1)])
+def test_pool_semantics_match_onnxruntime(ceil_mode, cip):
+    """The twins' ceil_mode / count_include_pad rules are onnxruntime's."""
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper
+
+    x = np.random.default_rng(6).standard_normal((1, 2, 9, 8)).astype(np.float32)
+    attrs = dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 0, 1, 1], ceil_mode=ceil_mode)
+    for op, extra, ours in [
+        ("MaxPool", {}, lambda: kernels.max_pool2d(x, (3, 3), (2, 2), (1, 0, 1, 1), (1, 1),
+                                                   ceil_mode)),
+        ("AveragePool", {"count_include_pad": cip},
+         lambda: kernels.avg_pool2d(x, (3, 3), (2, 2), (1, 0, 1, 1), ceil_mode, cip)),
+    ]:
+        node = helper.make_node(op, ["x"], ["y"], **attrs, **extra)
+        graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(
+            "x", TensorProto.FLOAT, x.shape)], [helper.make_tensor_value_info(
+                "y", TensorProto.FLOAT, None)])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                                  ir_version=8)
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        close(ours(), sess.run(None, {"x": x})[0])
+
+
+def test_global_avg_pool_and_add_act(isa):
+    rng = np.random.default_rng(7)
+    for shape in [(1, 1, 1, 1), (2, 7, 5, 3), (1, 2048, 7, 7)]:
+        x = rng.standard_normal(shape).astype(np.float32)
+        close(kernels.global_avg_pool(x), reference.global_avg_pool(x))
+    a, b = rng.standard_normal((2, 3, 33)).astype(np.float32), rng.standard_normal(33)
+    for act in ACTS:
+        close(kernels.add_act(a, b, act), reference.add_act(a, b, act))
+
+
+def test_nan_and_inf_propagate_without_crash(isa):
+    w = np.eye(4, dtype=np.float32)
+    x = np.array([[np.nan], [np.inf], [-np.inf], [1.0]], np.float32)
+    # the sparse kernel never multiplies by a pruned zero, so 0 * NaN does not spread
+    y = kernels.gemm(kernels.PackedWeight.pack(w, "sparse"), x, act="relu")
+    assert np.isnan(y[0, 0]) and y[1, 0] == np.inf and y[2, 0] == 0 and y[3, 0] == 1
+    # the dense kernel does, like numpy
+    y = kernels.gemm(kernels.PackedWeight.pack(w, "dense"), x, act="relu")
+    with np.errstate(invalid="ignore"):
+        want = reference.gemm(w, x, act="relu")
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(want))
+
+
+def test_threads_give_identical_results():
+    rng = np.random.default_rng(8)
+    w = sparse_matrix(rng, 96, 150, 0.9)
+    x = rng.standard_normal((150, 700)).astype(np.float32)
+    before = kernels.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2, 3):
+            kernels.set_num_threads(t)
+            outs.append([kernels.gemm(kernels.PackedWeight.pack(w, kind), x)
+                         for kind in ("sparse", "dense")])
+    finally:
+        kernels.set_num_threads(before)
+    for o in outs[1:]:
+        for a, b in zip(outs[0], o):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_concurrent_calls_from_python_threads():
+    """Kernels release the GIL and share one worker pool; overlapping calls stay correct."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(12)
+    cases = []
+    for i in range(6):
+        w = sparse_matrix(rng, 40 + i, 90, 0.8)
+        x = rng.standard_normal((90, 300 + 7 * i)).astype(np.float32)
+        cases.append((kernels.PackedWeight.pack(w, "sparse" if i % 2 else "dense"), w, x))
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda c: [kernels.gemm(c[0], c[2]) for _ in range(5)], cases))
+    for (_, w, x), got in zip(cases, outs):
+        for y in got:
+            close(y, reference.gemm(w, x), scale=term_scale(w, x))
+
+
+def test_pack_auto_and_attributes():
+    rng = np.random.default_rng(9)
+    sparse = kernels.PackedWeight.pack(sparse_matrix(rng, 64, 256, 0.95))
+    dense = kernels.PackedWeight.pack(rng.standard_normal((64, 256)).astype(np.float32))
+    assert sparse.kind == "sparse" and dense.kind == "dense"
+    assert sparse.shape == (64, 256) and 0.9 < sparse.sparsity < 1.0
+    assert dense.nnz == 64 * 256 and dense.sparsity == 0.0
+    w = sparse_matrix(rng, 10, 12, 0.5)
+    for kind in ("sparse", "dense"):
+        np.testing.assert_array_equal(kernels.PackedWeight.pack(w, kind).to_dense(), w)
+
+
+def test_misuse_raises_input_error():
+    pw = kernels.PackedWeight.pack(np.ones((4, 6), np.float32))
+    with pytest.raises(InputError, match=r"expected \[6, N\]"):
+        kernels.gemm(pw, np.ones((5, 3), np.float32))
+    with pytest.raises(InputError, match="bias has 3 values"):
+        kernels.gemm(pw, np.ones((6, 3), np.float32), bias=np.ones(3))
+    with pytest.raises(InputError, match="act must be"):
+        kernels.gemm(pw, np.ones((6, 3), np.float32), act="gelu")
+    with pytest.raises(InputError, match="NCHW"):
+        kernels.max_pool2d(np.ones((3, 4, 4), np.float32), (2, 2))
+    with pytest.raises(InputError, match="does not fit"):
+        kernels.conv2d(pw, np.ones((1, 5, 4, 4), np.float32), (1, 1))
+    with pytest.raises(InputError, match="2-D weight"):
+        kernels.PackedWeight.pack(np.ones(3, np.float32))
+    with pytest.raises(InputError, match="positive"):
+        kernels.set_num_threads(0)
+    with pytest.raises(InputError, match="dtype"):
+        kernels.gemm(pw, np.array([["a"] * 3] * 6))
+
+
+def test_isa_env_override_picks_the_table():
+    """SPARSIFY_ISA chooses the build at import, as a user on an older CPU would get it."""
+    code = "from sparsify.engine import kernels; print(kernels.isa())"
+    for name in ISAS:
+        env = dict(os.environ, SPARSIFY_ISA=name)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, check=True)
+        assert out.stdout.strip() == name

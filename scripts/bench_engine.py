@@ -268,9 +268,8 @@ def main(argv=None) -> int:
 
     results = {"threads": args.threads, "isa": kernels.isa(), "cpu": platform.processor() or platform.machine(),
                "cores": os.cpu_count(), "bert_layers": args.bert_layers, "cases": {}}
-    results["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "")
     print(f"sparsify engine benchmark: {args.threads} threads, ISA {results['isa']}, {os.cpu_count()} cores, "
-          f"OMP_WAIT_POLICY={results['omp_wait_policy'] or 'default'}; medians of {args.repeats} interleaved rounds")
+          f"medians of {args.repeats} interleaved rounds")
     for case in cases:
         if case == "overhead":
             r = bench_overhead(args)

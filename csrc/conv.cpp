@@ -206,7 +206,7 @@ void compact(const float* v, int64_t rows, const ConvShape& s, int64_t wq, const
       const float* r = res ? res + m * plane + oy * s.ow : nullptr;
       for (int64_t ox = 0; ox < s.ow; ++ox) {
         float t = src[ox] + (r ? r[ox] : 0.f);
-        if (act != kActNone) t = t < lo ? lo : (t > hi ? hi : t);
+        t = act_scalar(t, act, lo, hi);
         d[ox] = t;
       }
     }

@@ -122,5 +122,12 @@ void run_max_pool(const float* x, const ConvShape& s, float* y);
 void run_avg_pool(const float* x, const ConvShape& s, bool count_include_pad, float* y);
 void run_global_avg_pool(const float* x, int64_t planes, int64_t size, float* y);
 void run_add_act(const float* a, const float* b, int64_t n, int act, float lo, float hi, float* y);
+// Row-wise over the last axis: x and y are [rows, n] (y may be x).
+void run_softmax(const float* x, int64_t rows, int64_t n, float* y);
+void run_layer_norm(const float* x, int64_t rows, int64_t n, const float* scale,
+                    const float* bias, float eps, float* y);
+// y[b] = a[b] @ x[b] for a [batch, M, K], x [batch, K, N] (attention: activations on both sides).
+void run_batched_matmul(const float* a, const float* x, int64_t batch, int64_t M, int64_t K,
+                        int64_t N, float* y);
 
 }  // namespace sparsify

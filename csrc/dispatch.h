@@ -5,12 +5,21 @@
 // AVX-512 instruction. dispatch.cpp picks one table once at import (SPARSIFY_ISA overrides).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 namespace sparsify {
 
-// Activation codes shared with kernels.py / reference.parse_act.
-enum Act : int { kActNone = 0, kActRelu = 1, kActClip = 2 };
+// Activation codes shared with kernels.py / reference.parse_act. Gelu is the exact (erf) form
+// of ONNX Gelu / torch.nn.GELU(), not the tanh approximation.
+enum Act : int { kActNone = 0, kActRelu = 1, kActClip = 2, kActGelu = 3 };
+
+// The activation on one float, for scalar epilogues (relu arrives as clip to [0, inf)).
+inline float act_scalar(float v, int act, float lo, float hi) {
+  if (act == kActGelu) return 0.5f * v * std::erfc(-v * 0.70710678118654752f);
+  if (act != kActNone) return v < lo ? lo : (v > hi ? hi : v);
+  return v;
+}
 
 // What happens to an output tile after the reduction: y = act(acc + bias[row] + res).
 // Pointers are already offset to the tile's first row / element; null means absent.
@@ -82,6 +91,12 @@ struct KernelTable {
   // op 0 = weighted sum with w[t] (depthwise conv), 1 = max, 2 = sum.
   void (*window_plane)(int op, const float* x, const int64_t* tap_off, int taps, int64_t row_step,
                        const float* w, int64_t oh, int64_t ow, float* y, const Epilogue& ep);
+
+  // Row-wise ops over the last axis of one row of n floats (y may be x).
+  void (*softmax_row)(const float* x, int64_t n, float* y);
+  // y = (x - mean) / sqrt(var + eps) * scale + bias; bias may be null.
+  void (*layer_norm_row)(const float* x, int64_t n, const float* scale, const float* bias,
+                         float eps, float* y);
 };
 
 const KernelTable& kernels();            // the active table

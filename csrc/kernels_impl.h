@@ -31,8 +31,47 @@ static inline void copy_row(const float* src, int n, float* dst) {
   }
 }
 
+// e^x: x = n ln2 + r with |r| <= ln2 / 2, e^r from its Taylor series to r^7 (truncation below
+// 6e-9 relative), times 2^n. Clamped so that 2^n stays a normal float.
+static inline V vexp(V x) {
+  x = Simd::min(Simd::set1(88.3f), Simd::max(Simd::set1(-87.3f), x));
+  const V n = Simd::round(Simd::mul(x, Simd::set1(1.44269504088896341f)));
+  // ln 2 in two parts: n * hi is exact for the n that occur, so r keeps its low bits
+  V r = Simd::fma(n, Simd::set1(-0.693359375f), x);
+  r = Simd::fma(n, Simd::set1(2.12194440054690583e-4f), r);
+  V p = Simd::set1(1.f / 5040.f);
+  p = Simd::fma(p, r, Simd::set1(1.f / 720.f));
+  p = Simd::fma(p, r, Simd::set1(1.f / 120.f));
+  p = Simd::fma(p, r, Simd::set1(1.f / 24.f));
+  p = Simd::fma(p, r, Simd::set1(1.f / 6.f));
+  p = Simd::fma(p, r, Simd::set1(0.5f));
+  p = Simd::fma(p, r, Simd::set1(1.f));
+  p = Simd::fma(p, r, Simd::set1(1.f));
+  return Simd::scale2(p, n);
+}
+
+// Exact GELU x * Phi(x) written as relu(x) - |x| / 2 * erfc(|x| / sqrt 2), so the tail is a
+// small product instead of a difference of nearly equal terms. erfc by Abramowitz & Stegun
+// 7.1.26 (absolute error 1.5e-7), the formula ops_nn.erf_ uses too. |x| is capped at 16 for the
+// erfc term (it is below 1e-37 there) so that +-inf gives inf / 0 rather than inf * 0.
+static inline V gelu(V x) {
+  const V s = Simd::min(Simd::set1(16.f), Simd::abs(x));  // NaN stays NaN: min takes it second
+  const V a = Simd::mul(s, Simd::set1(0.70710678118654752f));
+  const V t = Simd::div(Simd::set1(1.f), Simd::fma(a, Simd::set1(0.3275911f), Simd::set1(1.f)));
+  V p = Simd::set1(1.061405429f);
+  p = Simd::fma(p, t, Simd::set1(-1.453152027f));
+  p = Simd::fma(p, t, Simd::set1(1.421413741f));
+  p = Simd::fma(p, t, Simd::set1(-0.284496736f));
+  p = Simd::fma(p, t, Simd::set1(0.254829592f));
+  p = Simd::mul(p, t);
+  const V erfc = Simd::mul(p, vexp(Simd::mul(Simd::sub(Simd::zero(), a), a)));
+  const V h = Simd::mul(Simd::mul(Simd::set1(0.5f), s), erfc);
+  return Simd::sub(Simd::max(Simd::zero(), x), h);
+}
+
 // lo/hi already hold (0, inf) for relu; min/max take the value second so NaN propagates.
 static inline V activate(V v, int act, V lo, V hi) {
+  if (act == kActGelu) return gelu(v);
   return act == kActNone ? v : Simd::min(hi, Simd::max(lo, v));
 }
 
@@ -386,7 +425,82 @@ static void window_plane(int op, const float* x, const int64_t* tap_off, int tap
   else window_plane_t<2>(x, tap_off, taps, row_step, w, oh, ow, y, ep);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Row-wise softmax and layer normalization (the last axis of BERT's scores and hidden states).
+static inline float hsum(V v) {
+  float t[W];
+  Simd::store(t, v);
+  float s = 0.f;
+  for (int i = 0; i < W; ++i) s += t[i];
+  return s;
+}
+
+// max, then exp(x - max) into y with its sum, then one scaling pass; NaN anywhere in the row
+// reaches the sum and so every output, as in NumPy.
+static void softmax_row(const float* x, int64_t n, float* y) {
+  if (n <= 0) return;
+  float mx = x[0];
+  int64_t i = 0;
+  if (n >= W) {
+    V m = Simd::load(x);
+    for (i = W; i + W <= n; i += W) m = Simd::max(m, Simd::load(x + i));
+    float t[W];
+    Simd::store(t, m);
+    for (int j = 0; j < W; ++j) mx = t[j] > mx ? t[j] : mx;
+  }
+  for (; i < n; ++i) mx = x[i] > mx ? x[i] : mx;
+  const V vm = Simd::set1(mx);
+  V acc = Simd::zero();
+  float tail_sum = 0.f;
+  for (i = 0; i + W <= n; i += W) {
+    const V e = vexp(Simd::sub(Simd::load(x + i), vm));
+    acc = Simd::add(acc, e);
+    Simd::store(y + i, e);
+  }
+  if (i < n) {
+    const int left = (int)(n - i);
+    float t[W];
+    Simd::store(t, vexp(Simd::sub(Simd::loadn(x + i, left), vm)));
+    for (int j = 0; j < left; ++j) tail_sum += t[j];
+    Simd::storen(y + i, Simd::load(t), left);
+  }
+  const V inv = Simd::set1(1.f / (hsum(acc) + tail_sum));
+  for (i = 0; i + W <= n; i += W) Simd::store(y + i, Simd::mul(Simd::load(y + i), inv));
+  if (i < n) Simd::storen(y + i, Simd::mul(Simd::loadn(y + i, (int)(n - i)), inv), (int)(n - i));
+}
+
+// Two passes for the statistics (mean, then squared deviations) so the variance does not
+// cancel; the lanes past n read as zero and are left out of the deviations by hand.
+static void layer_norm_row(const float* x, int64_t n, const float* scale, const float* bias,
+                           float eps, float* y) {
+  if (n <= 0) return;
+  V acc = Simd::zero();
+  int64_t i = 0;
+  for (; i + W <= n; i += W) acc = Simd::add(acc, Simd::load(x + i));
+  float sum = hsum(acc);
+  for (int64_t j = i; j < n; ++j) sum += x[j];
+  const float mean = sum / (float)n;
+  const V vm = Simd::set1(mean);
+  acc = Simd::zero();
+  for (i = 0; i + W <= n; i += W) {
+    const V d = Simd::sub(Simd::load(x + i), vm);
+    acc = Simd::fma(d, d, acc);
+  }
+  float sq = hsum(acc);
+  for (int64_t j = i; j < n; ++j) sq += (x[j] - mean) * (x[j] - mean);
+  const V inv = Simd::set1(1.f / __builtin_sqrtf(sq / (float)n + eps));
+  for (i = 0; i < n; i += W) {
+    const int left = n - i >= W ? W : (int)(n - i);
+    const bool full = left == W;
+    const V xv = full ? Simd::load(x + i) : Simd::loadn(x + i, left);
+    const V sv = full ? Simd::load(scale + i) : Simd::loadn(scale + i, left);
+    V v = Simd::mul(Simd::mul(Simd::sub(xv, vm), inv), sv);
+    if (bias) v = Simd::add(v, full ? Simd::load(bias + i) : Simd::loadn(bias + i, left));
+    if (full) Simd::store(y + i, v); else Simd::storen(y + i, v, left);
+  }
+}
+
 static const KernelTable kTable = {
     SPARSIFY_ISA_NAME, W, kGemmNV * W, kSpmmNV * W, &spmm, &gemm_pack_x, &gemm_tile, &gemv,
-    &dw_channels, &window_plane,
+    &dw_channels, &window_plane, &softmax_row, &layer_norm_row,
 };

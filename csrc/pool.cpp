@@ -1,4 +1,5 @@
-// Pooling, global average pooling and the fused elementwise add + activation.
+// Pooling, global average pooling, the fused elementwise add + activation, and the row-wise
+// softmax / layer normalization over the last axis.
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -59,9 +60,22 @@ void run_add_act(const float* a, const float* b, int64_t n, int act, float lo, f
   parallel_range(chunks, n < 8 * kSerialWork, [&](int64_t c) {
     for (int64_t i = c * kChunk; i < std::min(n, (c + 1) * kChunk); ++i) {
       float v = a[i] + b[i];
-      if (act != kActNone) v = v < lo ? lo : (v > hi ? hi : v);
+      v = act_scalar(v, act, lo, hi);
       y[i] = v;
     }
+  });
+}
+
+void run_softmax(const float* x, int64_t rows, int64_t n, float* y) {
+  const KernelTable& kt = kernels();
+  parallel_range(rows, rows * n < kSerialWork, [&](int64_t r) { kt.softmax_row(x + r * n, n, y + r * n); });
+}
+
+void run_layer_norm(const float* x, int64_t rows, int64_t n, const float* scale,
+                    const float* bias, float eps, float* y) {
+  const KernelTable& kt = kernels();
+  parallel_range(rows, rows * n < kSerialWork, [&](int64_t r) {
+    kt.layer_norm_row(x + r * n, n, scale, bias, eps, y + r * n);
   });
 }
 

@@ -19,6 +19,12 @@ struct Simd {
   // second operand wins on NaN, so NaN inputs propagate through relu/clip/max
   static inline V max(V a, V b) { return _mm512_max_ps(a, b); }
   static inline V min(V a, V b) { return _mm512_min_ps(a, b); }
+  static inline V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static inline V div(V a, V b) { return _mm512_div_ps(a, b); }
+  static inline V abs(V a) { return _mm512_abs_ps(a); }
+  static inline V round(V a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  // p * 2^n for integral n in [-126, 127]
+  static inline V scale2(V p, V n) { return _mm512_scalef_ps(p, n); }
 };
 #elif defined(SPARSIFY_SIMD_AVX2)
 struct Simd {
@@ -39,6 +45,14 @@ struct Simd {
   static inline V mul(V a, V b) { return _mm256_mul_ps(a, b); }
   static inline V max(V a, V b) { return _mm256_max_ps(a, b); }
   static inline V min(V a, V b) { return _mm256_min_ps(a, b); }
+  static inline V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static inline V div(V a, V b) { return _mm256_div_ps(a, b); }
+  static inline V abs(V a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.f), a); }
+  static inline V round(V a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static inline V scale2(V p, V n) {
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  }
 };
 #else  // SSE2: every x86-64 has it
 struct Simd {
@@ -63,5 +77,14 @@ struct Simd {
   static inline V mul(V a, V b) { return _mm_mul_ps(a, b); }
   static inline V max(V a, V b) { return _mm_max_ps(a, b); }
   static inline V min(V a, V b) { return _mm_min_ps(a, b); }
+  static inline V sub(V a, V b) { return _mm_sub_ps(a, b); }
+  static inline V div(V a, V b) { return _mm_div_ps(a, b); }
+  static inline V abs(V a) { return _mm_andnot_ps(_mm_set1_ps(-0.f), a); }
+  // cvtps rounds to nearest under the default MXCSR; SSE2 has no roundps
+  static inline V round(V a) { return _mm_cvtepi32_ps(_mm_cvtps_epi32(a)); }
+  static inline V scale2(V p, V n) {
+    const __m128i e = _mm_slli_epi32(_mm_add_epi32(_mm_cvtps_epi32(n), _mm_set1_epi32(127)), 23);
+    return _mm_mul_ps(p, _mm_castsi128_ps(e));
+  }
 };
 #endif

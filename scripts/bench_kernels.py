@@ -8,7 +8,7 @@ at several sparsities (random unstructured masks). Times are medians over repeat
     python scripts/bench_kernels.py                     # 2 threads, wall clock
     python scripts/bench_kernels.py --threads 1 --timer cpu   # per-thread CPU time: stable on a
                                                                # shared machine (1 thread only)
-    python scripts/bench_kernels.py --json out.json --only resnet   # or bert, windows
+    python scripts/bench_kernels.py --json out.json --only resnet   # or bert, windows, attention
     python scripts/bench_kernels.py --only crossover --threads 1 --timer cpu --stat min
 
 The summary line per suite gives the geometric mean of (dense time / sparse time) at 90%, as a
@@ -196,6 +196,57 @@ def bench_windows(args, rng, kernels) -> list[dict]:
     return rows
 
 
+def bench_attention(args, rng, kernels) -> list[dict]:
+    """BERT-base's other kernels (12 heads, 128 tokens, hidden 768) against one-node ORT models:
+    softmax over the scores, LayerNormalization, the two batched attention matmuls, and GELU as
+    a separate op against the cost it adds to the FFN kernel's epilogue."""
+    clock = timer_fn(args.timer)
+    heads, seq, hid, dh = 12, 128, 768, 64
+    scores = rng.standard_normal((1, heads, seq, seq)).astype(np.float32)
+    hidden = rng.standard_normal((1, seq, hid)).astype(np.float32)
+    q = rng.standard_normal((1, heads, seq, dh)).astype(np.float32)
+    kt = rng.standard_normal((1, heads, dh, seq)).astype(np.float32)
+    scale = rng.standard_normal(hid).astype(np.float32)
+    bias = rng.standard_normal(hid).astype(np.float32)
+    w1 = (rng.standard_normal((4 * hid, hid)) * random_mask((4 * hid, hid), 0.9, rng)).astype(np.float32)
+    pw1 = kernels.PackedWeight.pack(w1, "sparse")
+    ffn_in = hidden.reshape(seq, hid)
+
+    def one(op, inputs, x_shape, y_shape, inits=(), **attrs):
+        def build(helper, nh):
+            return ([helper.make_node(op, ["x", *inputs], ["y"], **attrs)],
+                    [nh.from_array(v, k) for k, v in inits], x_shape, y_shape)
+        return build
+
+    cases = [
+        ("softmax 12x128x128", one("Softmax", [], list(scores.shape), list(scores.shape), axis=-1),
+         scores, lambda: kernels.softmax(scores)),
+        ("layernorm 128x768", one("LayerNormalization", ["s", "b"], list(hidden.shape),
+                                  list(hidden.shape), [("s", scale), ("b", bias)]),
+         hidden, lambda: kernels.layer_norm(hidden, scale, bias)),
+        ("q @ k^T 12x128x64", one("MatMul", ["k"], list(q.shape), [1, heads, seq, seq], [("k", kt)]),
+         q, lambda: kernels.batched_matmul(q, kt)),
+        ("gelu 128x3072", None, None,
+         lambda: kernels.linear(pw1, ffn_in, act="gelu")),
+    ]
+    rows = []
+    print("\n== attention-block kernels: time (us), onnxruntime / ours (>1 = faster) ==")
+    for name, build, x, ours in cases:
+        t_ours = measure(ours, args.repeat, clock)
+        if build is None:  # GELU: what the fused epilogue adds to the sparse FFN kernel
+            t_plain = measure(lambda: kernels.linear(pw1, ffn_in), args.repeat, clock)
+            rows.append({"name": name, "ours": t_ours, "without": t_plain})
+            print(f"{name:20s} fused into the 90% sparse FFN kernel: {t_plain * 1e6:8.1f} -> "
+                  f"{t_ours * 1e6:8.1f}  (+{(t_ours - t_plain) * 1e6:.1f})")
+            continue
+        sess = ort_session(build, args.threads)
+        t_ort = measure(lambda: sess.run(None, {"x": x}), args.repeat, clock)
+        rows.append({"name": name, "ort": t_ort, "ours": t_ours})
+        print(f"{name:20s} ort {t_ort * 1e6:8.1f}  ours {t_ours * 1e6:8.1f}  ratio "
+              f"{t_ort / t_ours:5.2f}")
+    return rows
+
+
 def crossover(args, rng, kernels) -> list[dict]:
     """Per shape, the sparsity where the sparse kernel starts to beat the dense one (GEMM form,
     X [K, N] as the conv/linear lowering feeds it), interpolated between measured points."""
@@ -270,7 +321,8 @@ def main() -> None:
                     help="cpu = per-thread CPU time (only meaningful with --threads 1)")
     ap.add_argument("--stat", choices=["median", "min"], default="median",
                     help="min = least disturbed repeat, for tuning on a busy shared machine")
-    ap.add_argument("--only", choices=["resnet", "bert", "windows", "crossover"], default=None)
+    ap.add_argument("--only", choices=["resnet", "bert", "windows", "attention", "crossover"],
+                    default=None)
     ap.add_argument("--json", default=None, help="write the raw medians here")
     args = ap.parse_args()
     if args.timer == "cpu" and args.threads != 1:
@@ -292,6 +344,8 @@ def main() -> None:
         out["bert"] = {"rows": rows, "summary": report("BERT-base linears, 128 tokens", rows)}
     if args.only in (None, "windows"):
         out["windows"] = bench_windows(args, rng, kernels)
+    if args.only in (None, "attention"):
+        out["attention"] = bench_attention(args, rng, kernels)
     if args.only == "crossover":
         out["crossover"] = crossover(args, rng, kernels)
     if args.json:

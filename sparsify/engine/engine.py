@@ -58,6 +58,9 @@ class Engine:
         if kind not in ("auto", "sparse", "dense"):
             raise InputError(f"kind must be 'auto', 'sparse' or 'dense', got {kind!r}")
         self.threads = None if threads is None else int(threads)
+        # activations are fresh arrays every run: keep their freed memory for reuse rather than
+        # page-faulting it in again (process-wide glibc setting; see kernels.retain_freed_memory)
+        kernels.retain_freed_memory()
         self.model = load_model(path_or_model_proto)
         self.plan: Plan = build_plan(self.model, kind)
         self.input_names = [name for name, _, _, _ in self.plan.inputs]

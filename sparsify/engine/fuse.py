@@ -3,8 +3,11 @@
 A Conv, Gemm or MatMul with a constant float32 weight becomes one kernel call that also does
 what follows it when nobody else reads the intermediate value:
 
-    Conv -> [BatchNormalization] -> [Add(bias)] -> [Add(residual)] -> [Relu | Clip]
-    Gemm / MatMul -> [Add(bias)] -> [Add(residual)] -> [Relu | Clip]
+    Conv -> [BatchNormalization] -> [Add(bias)] -> [Add(residual)] -> [Relu | Clip | GELU]
+    Gemm / MatMul -> [Add(bias)] -> [Add(residual)] -> [Relu | Clip | GELU]
+
+(GELU: the ONNX Gelu op with approximate="none", or the Div/Erf/Add/Mul/Mul chain torch
+writes out, whose input has two readers inside the chain.)
 
 (the bias and residual Adds may come in either order). The fused step runs where the last
 absorbed node stood, so the residual operand is always computed by then. A residual needs shapes
@@ -25,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sparsify.engine import kernels, ops
-from sparsify.engine.ops_nn import conv_geometry, fake_quantize
+from sparsify.engine.ops_nn import conv_geometry, fake_quantize, layer_norm_y
 from sparsify.errors import EngineError
 
 # ops that return a tuple of outputs (a node may use only the first ones)
@@ -63,8 +66,10 @@ def bind(op_type: str, attrs: dict, n_inputs: int, n_outputs: int, opset: int):
         inspect.signature(fn).bind(*([None] * n_inputs), **attrs)
     except TypeError as err:
         raise EngineError(f"{op_type}: unexpected inputs or attributes ({err})") from None
+    if op_type == "LayerNormalization" and n_outputs == 1:
+        fn = layer_norm_y  # skips the mean / inv_std outputs nobody reads
     f = functools.partial(fn, **attrs) if attrs else fn
-    if op_type in MULTI_OUTPUT and n_outputs == 1:
+    if op_type in MULTI_OUTPUT and n_outputs == 1 and fn is not layer_norm_y:
         return lambda *a: f(*a)[0]
     return f
 
@@ -93,6 +98,13 @@ def fuse(nodes: list, consts: dict, shapes: dict, graph_outs: set, kind: str):
             return None
         return r[0]
 
+    def all_readers(value):
+        """Every node index reading ``value`` (None when it is a graph output or absorbed)."""
+        r = readers.get(value, [])
+        if value in graph_outs or any(k in absorbed for k in r):
+            return None
+        return r
+
     absorbed: set[int] = set()
     placed: list[tuple[int, StepSrc]] = []
     layers = []
@@ -101,7 +113,8 @@ def fuse(nodes: list, consts: dict, shapes: dict, graph_outs: set, kind: str):
             continue
         fused = None
         if n.op in ("Conv", "Gemm", "MatMul"):
-            fused = _fuse_compute(i, n, nodes, consts, shapes, sole_reader, kind, layers)
+            fused = _fuse_compute(i, n, nodes, consts, shapes, sole_reader, all_readers, kind,
+                                  layers)
         elif n.op == "QuantizeLinear":
             fused = _fuse_qdq(i, n, nodes, consts, readers, graph_outs)
         elif n.op in ("Div", "Mul"):
@@ -114,7 +127,7 @@ def fuse(nodes: list, consts: dict, shapes: dict, graph_outs: set, kind: str):
         fn = bind(n.op, n.attrs, len(n.inputs), len(n.outputs), n.opset)
         placed.append((i, StepSrc(n.name, n.op, n.inputs, n.outputs, fn,
                                   multi=n.op in MULTI_OUTPUT and len(n.outputs) > 1,
-                                  native=n.op in ops.NATIVE, sources=[n.name])))
+                                  native=ops.runs_native(n.op, n.attrs, n.opset), sources=[n.name])))
     placed.sort(key=lambda p: p[0])  # stable: a fused step lands where its last node stood
     steps = [s for _, s in placed]
     reuse_buffers(steps, shapes, graph_outs)
@@ -129,6 +142,19 @@ def _scalar(consts, name):
 
 def _fuse_gelu(i, n, nodes, consts, sole_reader):
     """x / sqrt(2) (or x * 1/sqrt(2)) -> Erf -> + 1 -> * x -> * 0.5  ==>  one Gelu step."""
+    got = _gelu_chain(i, n, nodes, consts, sole_reader)
+    if got is None:
+        return None
+    chain, x, out = got
+    src = StepSrc("+".join(nodes[k].name for k in chain), "Gelu", [x], [out], ops.OPS["Gelu"],
+                  sources=[nodes[k].name for k in chain])
+    return [(chain[-1], src, chain)]
+
+
+def _gelu_chain(i, n, nodes, consts, sole_reader):
+    """(node indices, x, output) of a written-out GELU starting at node i, or None."""
+    if n.op not in ("Div", "Mul") or len(n.inputs) != 2:
+        return None
     x, c = n.inputs[0], _scalar(consts, n.inputs[1])
     want = math.sqrt(2) if n.op == "Div" else 1 / math.sqrt(2)
     if c is None or abs(c - want) > 1e-6 * want or x in consts:
@@ -143,9 +169,7 @@ def _fuse_gelu(i, n, nodes, consts, sole_reader):
             return None
         chain.append(j)
         out = nodes[j].outputs[0]
-    src = StepSrc("+".join(nodes[k].name for k in chain), "Gelu", [x], [out], ops.OPS["Gelu"],
-                  sources=[nodes[k].name for k in chain])
-    return [(chain[-1], src, chain)]
+    return chain, x, out
 
 
 def _other(node: Node, value: str) -> str:
@@ -238,6 +262,8 @@ def _bias_from(c, m: int, conv: bool):
 def _act_of(n: Node, consts: dict):
     if n.op == "Relu":
         return "relu"
+    if n.op == "Gelu" and n.attrs.get("approximate", "none") == "none":
+        return "gelu"
     if n.op == "Clip":
         lo, hi = n.attrs.get("min", -np.inf), n.attrs.get("max", np.inf)
         for k, x in enumerate(n.inputs[1:3]):
@@ -262,7 +288,22 @@ def _fold_bn(w, b, bn: Node, consts):
     return w, ((b0 - mean) * s + beta).astype(np.float32)
 
 
-def _fuse_compute(i, n, nodes, consts, shapes, sole_reader, kind, layers):
+def _gelu_after(out, nodes, consts, sole_reader, all_readers):
+    """The written-out GELU of ``out`` when nothing else reads ``out``: (indices, output) or None.
+
+    ``out`` has two readers there (the scaling Div/Mul and the ``* x``), so sole_reader cannot
+    see it."""
+    r = all_readers(out)
+    if not r or len(r) != 2:
+        return None
+    for j in r:
+        got = _gelu_chain(j, nodes[j], nodes, consts, sole_reader)
+        if got is not None and got[1] == out and sorted(r) == sorted((got[0][0], got[0][3])):
+            return got[0], got[2]
+    return None
+
+
+def _fuse_compute(i, n, nodes, consts, shapes, sole_reader, all_readers, kind, layers):
     got = _weight_of(n, consts)
     if got is None:
         return None
@@ -309,6 +350,12 @@ def _fuse_compute(i, n, nodes, consts, shapes, sole_reader, kind, layers):
         out = nj.outputs[0]
         if act != "none":
             break
+    if act == "none" and not depthwise:
+        gelu = _gelu_after(out, nodes, consts, sole_reader, all_readers)
+        if gelu is not None:
+            act = "gelu"
+            used.extend(gelu[0]), sources.extend(nodes[k].name for k in gelu[0])
+            out = gelu[1]
     bias = None if bias is None else np.ascontiguousarray(bias, np.float32)
     if conv:
         fn, packed_kind, pw = _conv_fn(n, w, bias, act, residual is not None, depthwise, kind)
@@ -377,6 +424,8 @@ def _linear_fn(pw, bias, act, has_residual, guarded):
 def _apply_act(y, act):
     if act == "relu":
         return np.maximum(y, 0, out=y)
+    if act == "gelu":
+        return ops.OPS["Gelu"](y)
     if act != "none":
         return np.clip(y, act[1], act[2], out=y)
     return y

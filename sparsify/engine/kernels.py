@@ -25,7 +25,9 @@ except ImportError as err:  # pragma: no cover - only without a build
 
 __all__ = [
     "PackedWeight", "gemm", "linear", "conv2d", "depthwise_conv2d", "max_pool2d", "avg_pool2d",
-    "global_avg_pool", "add_act", "set_num_threads", "get_num_threads", "isa", "sparse_wins",
+    "global_avg_pool", "add_act", "softmax", "layer_norm", "batched_matmul", "retain_freed_memory",
+    "set_num_threads",
+    "get_num_threads", "isa", "sparse_wins",
 ]
 
 
@@ -136,7 +138,8 @@ def _out(out, shape, what: str) -> np.ndarray:
     return out
 
 
-_ACT_CODES = {"none": (0, 0.0, 0.0), None: (0, 0.0, 0.0), "relu": (1, 0.0, float("inf"))}
+_ACT_CODES = {"none": (0, 0.0, 0.0), None: (0, 0.0, 0.0), "relu": (1, 0.0, float("inf")),
+              "gelu": (3, 0.0, 0.0)}
 
 
 def _act(act):
@@ -308,6 +311,54 @@ def add_act(a, b, act="none", out=None):
     y = _out(out, a.shape, "add_act")
     _core.add_act(a, b, code, lo, hi, y)
     return y
+
+
+def softmax(x, out=None):
+    """Softmax over the last axis; ``out`` may be ``x`` (computed in place)."""
+    x = _f32(x, "softmax input")
+    y = _out(out, x.shape, "softmax")
+    if x.ndim == 0:
+        raise InputError("softmax input must have at least one axis")
+    _core.softmax(x, y)
+    return y
+
+
+def layer_norm(x, scale, bias=None, epsilon=1e-5, out=None):
+    """LayerNormalization over the last axis: ``(x - mean) / sqrt(var + eps) * scale + bias``."""
+    x = _f32(x, "layer_norm input")
+    if x.ndim == 0:
+        raise InputError("layer_norm input must have at least one axis")
+    n = x.shape[-1]
+    y = _out(out, x.shape, "layer_norm")
+    _core.layer_norm(x, _vec(scale, n, "layer_norm scale"), _vec(bias, n, "layer_norm bias"),
+                     float(epsilon), y)
+    return y
+
+
+def batched_matmul(a, x, out=None):
+    """``a @ x`` for a [..., M, K] and x [..., K, N] with equal leading dimensions (both operands
+    are activations, e.g. attention scores and context)."""
+    a = _f32(a, "batched_matmul left operand")
+    x = _f32(x, "batched_matmul right operand")
+    if a.ndim < 2 or x.ndim < 2 or a.shape[:-2] != x.shape[:-2] or a.shape[-1] != x.shape[-2]:
+        raise InputError(f"batched_matmul needs [..., M, K] and [..., K, N] with the same leading "
+                         f"dimensions, got {a.shape} and {x.shape}")
+    shape = a.shape[:-1] + x.shape[-1:]
+    y = _out(out, shape, "batched_matmul")
+    m, k, n = a.shape[-2], a.shape[-1], x.shape[-1]
+    batch = int(np.prod(a.shape[:-2]))
+    _core.batched_matmul(a.reshape(batch, m, k), x.reshape(batch, k, n), y.reshape(batch, m, n))
+    return y
+
+
+def retain_freed_memory() -> bool:
+    """Make glibc keep freed blocks up to 32 MiB on the heap for reuse (process-wide).
+
+    By default glibc hands large freed blocks back to the OS, so every run's fresh activation
+    arrays page-fault in again (about 30% of a BERT-base run on a busy 2-core machine). The
+    Engine calls this once; returns False where the C library is not glibc (nothing changes).
+    """
+    return bool(_core.retain_freed_memory())
 
 
 def set_num_threads(n: int) -> None:

@@ -140,6 +140,18 @@ def op_function(op_type: str, opset: int):
 # (Gemm and MatMul of two float32 activations use the core's dense GEMM too, see ops_nn.matmul)
 NATIVE = {"Conv", "Gemm", "MatMul", "MaxPool", "AveragePool", "GlobalAveragePool"}
 
+
+def runs_native(op_type: str, attrs: dict, opset: int) -> bool:
+    """Whether a node's function runs in the C++ core: the ops above, and Softmax /
+    LayerNormalization over the last axis (float32 input; other dtypes fall back to NumPy)."""
+    if op_type in NATIVE:
+        return True
+    if op_type == "Softmax":
+        return opset >= 13 and attrs.get("axis", -1) == -1
+    if op_type == "LayerNormalization":
+        return attrs.get("axis", -1) == -1
+    return False
+
 # ops whose output may share memory with an input: never written in place
 VIEWS = {"Identity", "Dropout", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice",
          "Split", "Cast", "CastLike", "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd",

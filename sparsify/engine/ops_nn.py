@@ -79,12 +79,11 @@ def matmul(A, B):
     out = np.empty(batch + (m, n), np.float32)
     if not batch:
         return kernels.gemm(kernels.PackedWeight.pack(A, kind="dense"), B, out=out)
-    a = np.broadcast_to(A, batch + A.shape[-2:])
-    b = np.broadcast_to(B, batch + B.shape[-2:])
-    flat = out.reshape(-1, m, n)
-    for i, idx in enumerate(np.ndindex(*batch)):
-        kernels.gemm(kernels.PackedWeight.pack(a[idx], kind="dense"), b[idx], out=flat[i])
-    return out
+    # one core call for the whole batch (attention: [B, H, S, D] x [B, H, D, S]); a broadcast
+    # operand is materialized, a small copy next to the products
+    a = np.ascontiguousarray(np.broadcast_to(A, batch + A.shape[-2:]))
+    b = np.ascontiguousarray(np.broadcast_to(B, batch + B.shape[-2:]))
+    return kernels.batched_matmul(a, b, out=out)
 
 
 def Gemm(A, B, C=None, alpha=1.0, beta=1.0, transA=0, transB=0):
@@ -160,6 +159,16 @@ def LayerNormalization(X, Scale, B=None, axis=-1, epsilon=1e-5, stash_type=1):
     if B is not None:
         y += B
     return y, mean, inv_std
+
+
+def layer_norm_y(X, Scale, B=None, axis=-1, epsilon=1e-5, stash_type=1):
+    """LayerNormalization's first output only (what exported models read): the core's row
+    kernel when normalizing over the last axis with per-element scale and bias."""
+    n = X.shape[-1] if X.ndim else 0
+    if X.dtype == np.float32 and axis in (-1, X.ndim - 1) and n and Scale.size == n \
+            and (B is None or B.size == n):
+        return kernels.layer_norm(X, Scale, B, epsilon)
+    return LayerNormalization(X, Scale, B, axis, epsilon, stash_type)[0]
 
 
 def InstanceNormalization(input, scale, B, epsilon=1e-5):  # noqa: A002
@@ -288,6 +297,8 @@ def Softmax(input, axis=-1):  # noqa: A002
 
 def softmax_(x, axis=-1):
     """Softmax computed in place (returns ``x``)."""
+    if x.dtype == np.float32 and x.ndim and axis in (-1, x.ndim - 1) and x.flags.c_contiguous:
+        return kernels.softmax(x, out=x)
     x -= x.max(axis=axis, keepdims=True)
     np.exp(x, out=x)
     x /= x.sum(axis=axis, keepdims=True)

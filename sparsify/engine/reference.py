@@ -11,20 +11,24 @@ import math
 
 import numpy as np
 
-_ACTS = ("none", "relu")
+_ACTS = ("none", "relu", "gelu")
+_erf = np.frompyfunc(math.erf, 1, 1)
 
 
 def parse_act(act) -> tuple[int, float, float]:
-    """``"none"`` / ``"relu"`` / ``("clip", lo, hi)`` -> (code, lo, hi); 0 none, 1 relu, 2 clip."""
+    """``"none"`` / ``"relu"`` / ``("clip", lo, hi)`` / ``"gelu"`` -> (code, lo, hi);
+    0 none, 1 relu, 2 clip, 3 gelu (exact erf form, as ONNX Gelu and torch.nn.GELU())."""
     if act is None or (isinstance(act, str) and act == "none"):
         return 0, -math.inf, math.inf
     if isinstance(act, str) and act == "relu":
         return 1, 0.0, math.inf
+    if isinstance(act, str) and act == "gelu":
+        return 3, -math.inf, math.inf
     if isinstance(act, (tuple, list)) and len(act) == 3 and act[0] == "clip":
         lo = -math.inf if act[1] is None else float(act[1])
         hi = math.inf if act[2] is None else float(act[2])
         return 2, lo, hi
-    raise ValueError(f"act must be 'none', 'relu' or ('clip', lo, hi), got {act!r}")
+    raise ValueError(f"act must be 'none', 'relu', 'gelu' or ('clip', lo, hi), got {act!r}")
 
 
 def apply_act(y: np.ndarray, act) -> np.ndarray:
@@ -33,7 +37,15 @@ def apply_act(y: np.ndarray, act) -> np.ndarray:
         return np.maximum(y, 0.0)
     if code == 2:
         return np.clip(y, lo, hi)
+    if code == 3:
+        return gelu(y)
     return y
+
+
+def gelu(x) -> np.ndarray:
+    """x * Phi(x) with math.erf in float64 (slow, exact)."""
+    x = np.asarray(x, np.float64)
+    return 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)).astype(np.float64))
 
 
 def weight_matrix(pw) -> np.ndarray:
@@ -200,6 +212,46 @@ def add_act(a, b, act="none", out=None):
         out[...] = y
         return out
     return y
+
+
+def softmax(x, out=None):
+    """Softmax over the last axis."""
+    x = np.asarray(x, np.float64)
+    e = np.exp(x - x.max(axis=-1, keepdims=True)) if x.size else x
+    y = (e / e.sum(axis=-1, keepdims=True)).astype(np.float32) if x.size else x.astype(np.float32)
+    if out is not None:
+        out[...] = y
+        return out
+    return y
+
+
+def layer_norm(x, scale, bias=None, epsilon=1e-5, out=None):
+    """LayerNormalization over the last axis: (x - mean) / sqrt(var + eps) * scale + bias."""
+    x = np.asarray(x, np.float64)
+    mean = x.mean(axis=-1, keepdims=True)
+    var = np.square(x - mean).mean(axis=-1, keepdims=True)
+    y = (x - mean) / np.sqrt(var + epsilon) * np.asarray(scale, np.float64).reshape(-1)
+    if bias is not None:
+        y = y + np.asarray(bias, np.float64).reshape(-1)
+    y = y.astype(np.float32)
+    if out is not None:
+        out[...] = y
+        return out
+    return y
+
+
+def batched_matmul(a, x, out=None):
+    """``a @ x`` for a [..., M, K] and x [..., K, N] with equal leading dimensions."""
+    y = (np.asarray(a, np.float64) @ np.asarray(x, np.float64)).astype(np.float32)
+    if out is not None:
+        out[...] = y
+        return out
+    return y
+
+
+def retain_freed_memory() -> bool:
+    """No allocator to tune for NumPy's twins."""
+    return False
 
 
 _threads = 1

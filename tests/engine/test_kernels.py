@@ -19,7 +19,7 @@ from sparsify.engine import _core, kernels, reference
 from sparsify.errors import InputError
 
 ISAS = [name for name in ("avx512", "avx2", "portable") if _core.isa_supported(name)]
-ACTS = ["none", "relu", ("clip", -0.5, 0.75)]
+ACTS = ["none", "relu", ("clip", -0.5, 0.75), "gelu"]
 
 
 @pytest.fixture(params=ISAS)
@@ -148,6 +148,9 @@ def test_conv2d(isa, kind, case):
     res = rng.standard_normal(want.shape).astype(np.float32)
     close(kernels.conv2d(pw, x, ks, st, pads, dil, g, bias, ("clip", 0, 1), res),
           reference.conv2d(wt, x, ks, st, pads, dil, g, bias, ("clip", 0, 1), res))
+    for r in (None, res):  # GELU in the direct / phased / im2col epilogues and after a residual
+        close(kernels.conv2d(pw, x, ks, st, pads, dil, g, bias, "gelu", r),
+              reference.conv2d(wt, x, ks, st, pads, dil, g, bias, "gelu", r))
 
 
 DW_CASES = [  # (N, C, H, W, k, strides, pads, dilations)
@@ -236,6 +239,92 @@ def test_global_avg_pool_and_add_act(isa):
         close(kernels.add_act(a, b, act), reference.add_act(a, b, act))
 
 
+def test_gelu_epilogue_matches_exact_erf_form(isa):
+    """Every vector lane and the scalar (N = 1) path against math.erf, tails and specials too."""
+    x = np.concatenate([np.linspace(-12, 12, 4001), [0.0, -0.0, 1e-30, -1e-30, 40.0, -40.0]])
+    x = x.astype(np.float32)[None, :]
+    one = np.ones((1, 1), np.float32)
+    for kind in ("sparse", "dense"):
+        pw = kernels.PackedWeight.pack(one, kind)
+        want = reference.gelu(x)
+        got = kernels.gemm(pw, x, act="gelu")
+        # absolute error of the erfc approximation (1.5e-7) times |x| / 2, within float rounding
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        col = kernels.gemm(pw, np.ascontiguousarray(x[:, :37].T.reshape(1, -1)), act="gelu")
+        np.testing.assert_allclose(col, want[:, :37], rtol=1e-5, atol=1e-6)
+        special = np.array([[np.inf, -np.inf, np.nan]], np.float32)
+        y = kernels.gemm(pw, special, act="gelu")
+        assert y[0, 0] == np.inf and abs(y[0, 1]) < 1e-30 and np.isnan(y[0, 2])
+        y1 = kernels.gemm(pw, special[:, :1].copy(), act="gelu")  # the one-column path
+        assert y1[0, 0] == np.inf
+
+
+SOFTMAX_SHAPES = [(1,), (1, 1), (3, 5), (2, 16), (4, 17), (2, 3, 33), (1, 12, 7, 128), (5, 0)]
+
+
+@pytest.mark.parametrize("shape", SOFTMAX_SHAPES)
+def test_softmax(isa, shape):
+    rng = np.random.default_rng(sum(shape) + len(shape))
+    x = (rng.standard_normal(shape) * 6).astype(np.float32)
+    close(kernels.softmax(x), reference.softmax(x))
+    y = x.copy()
+    assert kernels.softmax(y, out=y) is y  # in place
+    close(y, reference.softmax(x))
+
+
+def test_softmax_extremes(isa):
+    x = np.array([[1000.0, 0.0, -1000.0], [-1e4, -1e4, -1e4], [np.nan, 0.0, 1.0],
+                  [np.inf, 0.0, 1.0]], np.float32)
+    y = kernels.softmax(x)
+    np.testing.assert_allclose(y[0], [1.0, 0.0, 0.0], atol=1e-7)
+    np.testing.assert_allclose(y[1], [1 / 3] * 3, rtol=1e-6)
+    with np.errstate(invalid="ignore"):
+        np.testing.assert_array_equal(np.isnan(y[2:]), np.isnan(reference.softmax(x[2:])))
+
+
+@pytest.mark.parametrize("shape", [(1,), (1, 1), (3, 5), (2, 16), (4, 17), (2, 3, 33),
+                                   (2, 128, 768), (1, 45)])
+def test_layer_norm(isa, shape):
+    rng = np.random.default_rng(sum(shape) * 3 + len(shape))
+    x = (rng.standard_normal(shape) * 3 + 5).astype(np.float32)  # an offset the mean must remove
+    n = shape[-1]
+    scale = rng.standard_normal(n).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    for eps in (1e-5, 1e-12):
+        close(kernels.layer_norm(x, scale, bias, eps), reference.layer_norm(x, scale, bias, eps),
+              tol=1e-4 if n == 1 else 1e-5)
+    close(kernels.layer_norm(x, scale), reference.layer_norm(x, scale))
+    y = x.copy()
+    kernels.layer_norm(y, scale, bias, out=y)
+    close(y, reference.layer_norm(x, scale, bias))
+
+
+@pytest.mark.parametrize("shape", [((1, 1, 1), (1, 1, 1)), ((2, 5, 3), (2, 3, 7)),
+                                   ((12, 128, 64), (12, 64, 128)), ((3, 17, 33), (3, 33, 1)),
+                                   ((1, 2, 9, 4), (1, 2, 4, 50)), ((4, 3, 0), (4, 0, 5)),
+                                   ((1, 12, 128, 128), (1, 12, 128, 64))])
+def test_batched_matmul(isa, shape):
+    rng = np.random.default_rng(sum(shape[0]) + sum(shape[1]))
+    a = rng.standard_normal(shape[0]).astype(np.float32)
+    b = rng.standard_normal(shape[1]).astype(np.float32)
+    scale = float((np.abs(a).astype(np.float64) @ np.abs(b)).max()) if a.size and b.size else 1.0
+    close(kernels.batched_matmul(a, b), reference.batched_matmul(a, b), scale=scale)
+
+
+def test_row_kernels_and_batched_matmul_misuse():
+    with pytest.raises(InputError, match="same leading"):
+        kernels.batched_matmul(np.ones((2, 3, 4), np.float32), np.ones((3, 4, 5), np.float32))
+    with pytest.raises(InputError, match="same leading"):
+        kernels.batched_matmul(np.ones((2, 3, 4), np.float32), np.ones((2, 5, 5), np.float32))
+    with pytest.raises(InputError, match="scale"):
+        kernels.layer_norm(np.ones((2, 8), np.float32), np.ones(7, np.float32))
+    with pytest.raises(InputError, match="out"):
+        kernels.softmax(np.ones((2, 8), np.float32), out=np.empty((2, 7), np.float32))
+    with pytest.raises(InputError):
+        kernels.gemm(kernels.PackedWeight.pack(np.ones((2, 2), np.float32)), np.ones((2, 2)),
+                     act="swish")
+
+
 def test_nan_and_inf_propagate_without_crash(isa):
     w = np.eye(4, dtype=np.float32)
     x = np.array([[np.nan], [np.inf], [-np.inf], [1.0]], np.float32)
@@ -303,7 +392,7 @@ def test_misuse_raises_input_error():
     with pytest.raises(InputError, match="bias has 3 values"):
         kernels.gemm(pw, np.ones((6, 3), np.float32), bias=np.ones(3))
     with pytest.raises(InputError, match="act must be"):
-        kernels.gemm(pw, np.ones((6, 3), np.float32), act="gelu")
+        kernels.gemm(pw, np.ones((6, 3), np.float32), act="swish")
     with pytest.raises(InputError, match="NCHW"):
         kernels.max_pool2d(np.ones((3, 4, 4), np.float32), (2, 2))
     with pytest.raises(InputError, match="does not fit"):
@@ -324,3 +413,15 @@ def test_isa_env_override_picks_the_table():
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                              text=True, check=True)
         assert out.stdout.strip() == name
+
+
+def test_every_kernel_has_a_numpy_twin_with_the_same_signature():
+    import inspect
+
+    for name in kernels.__all__:
+        if name in ("PackedWeight", "sparse_wins"):  # packing and the kernel-choice rule
+            continue
+        twin = getattr(reference, name, None)
+        assert twin is not None, f"reference.{name} is missing"
+        assert list(inspect.signature(getattr(kernels, name)).parameters) == \
+            list(inspect.signature(twin).parameters), name

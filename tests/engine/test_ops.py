@@ -318,7 +318,7 @@ def test_qdq_activation_pair_runs_as_fake_quant_and_weights_dequantize_at_load(o
 
 
 def test_written_out_gelu_becomes_one_step_and_elementwise_ops_reuse_buffers(onnx_check):
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]),
+    nodes = [helper.make_node("Sub", ["x", "w"], ["h"]),
              helper.make_node("Div", ["h", "sqrt2"], ["d"]),
              helper.make_node("Erf", ["d"], ["e"]),
              helper.make_node("Add", ["e", "one"], ["a"]),
@@ -326,15 +326,61 @@ def test_written_out_gelu_becomes_one_step_and_elementwise_ops_reuse_buffers(onn
              helper.make_node("Mul", ["m", "half"], ["g"]),
              helper.make_node("Mul", ["g", "x"], ["p"]),
              helper.make_node("Relu", ["p"], ["y"])]
+    inits = dict(w=f(4, 16), sqrt2=np.float32(np.sqrt(2)), one=np.float32(1), half=np.float32(0.5))
+    model = _graph(nodes, [_vi("x", [4, 16])], ["y"], inits)
+    engine = Engine(model)
+    x = f(4, 16, scale=2.0)
+    onnx_check.assert_same(engine.run({"x": x}), onnx_check.ort_run(model, {"x": x}), 1e-5)
+    assert [s.op for s in engine.plan.steps] == ["Sub", "Gelu", "Mul", "Relu"]
+    # Gelu makes a new array that only the Mul reads: the Mul and then the Relu write into it
+    assert [s.name.endswith("(in place)") for s in engine.plan.steps] == [False, False, True, True]
+    assert engine.run({"x": x})[0] is not None and not np.shares_memory(engine.run({"x": x})[0], x)
+
+
+@pytest.mark.parametrize("form", ["written_out", "mul_form", "onnx_gelu"])
+@pytest.mark.parametrize("kind", ["sparse", "dense"])
+def test_gelu_after_matmul_and_bias_fuses_into_the_kernel_epilogue(form, kind, onnx_check):
+    """BERT's FFN: MatMul -> Add(bias) -> GELU is one kernel call with GELU in its epilogue."""
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]),
+             helper.make_node("Add", ["m", "b"], ["h"])]
+    if form == "onnx_gelu":
+        nodes.append(helper.make_node("Gelu", ["h"], ["y"]))
+        gelu_ops = ["Gelu"]
+    else:
+        scale = ("Div", np.float32(np.sqrt(2))) if form == "written_out" else ("Mul", np.float32(1 / np.sqrt(2)))
+        nodes += [helper.make_node(scale[0], ["h", "c"], ["d"]),
+                  helper.make_node("Erf", ["d"], ["e"]),
+                  helper.make_node("Add", ["one", "e"], ["a"]),
+                  helper.make_node("Mul", ["a", "h"], ["g"]),
+                  helper.make_node("Mul", ["g", "half"], ["y"])]
+        gelu_ops = [scale[0], "Erf", "Add", "Mul", "Mul"]
+    inits = dict(w=sparse(40, 70, sparsity=0.9 if kind == "sparse" else 0.0), b=f(70),
+                 c=np.float32(np.sqrt(2) if form == "written_out" else 1 / np.sqrt(2)),
+                 one=np.float32(1), half=np.float32(0.5))
+    opset = 20 if form == "onnx_gelu" else 17
+    model = _graph(nodes, [_vi("x", [2, 19, 40])], ["y"], inits, opset=opset)
+    model.ir_version = 9
+    engine = Engine(model, kind=kind)
+    x = f(2, 19, 40, scale=2.0)
+    onnx_check.assert_same(engine.run({"x": x}), onnx_check.ort_run(model, {"x": x}), 1e-5)
+    assert [s.op for s in engine.plan.steps] == ["+".join(["MatMul", "Add"] + gelu_ops)]
+    assert engine.report()["layers"][0]["fused"] == ["Add"] + gelu_ops
+
+
+def test_gelu_is_not_fused_when_its_input_has_another_reader(onnx_check):
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]),
+             helper.make_node("Div", ["h", "sqrt2"], ["d"]),
+             helper.make_node("Erf", ["d"], ["e"]),
+             helper.make_node("Add", ["e", "one"], ["a"]),
+             helper.make_node("Mul", ["h", "a"], ["m"]),
+             helper.make_node("Mul", ["m", "half"], ["g"]),
+             helper.make_node("Add", ["g", "h"], ["y"])]  # h read a third time
     inits = dict(w=f(16, 16), sqrt2=np.float32(np.sqrt(2)), one=np.float32(1), half=np.float32(0.5))
     model = _graph(nodes, [_vi("x", [4, 16])], ["y"], inits)
     engine = Engine(model)
     x = f(4, 16, scale=2.0)
     onnx_check.assert_same(engine.run({"x": x}), onnx_check.ort_run(model, {"x": x}), 1e-5)
-    assert [s.op for s in engine.plan.steps] == ["MatMul", "Gelu", "Mul", "Relu"]
-    # Gelu makes a new array that only the Mul reads: the Mul and then the Relu write into it
-    assert [s.name.endswith("(in place)") for s in engine.plan.steps] == [False, False, True, True]
-    assert engine.run({"x": x})[0] is not None and not np.shares_memory(engine.run({"x": x})[0], x)
+    assert [s.op for s in engine.plan.steps] == ["MatMul", "Gelu", "Add"]
 
 
 @pytest.mark.parametrize("kind", ["auto", "sparse", "dense"])

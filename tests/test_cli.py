@@ -1,0 +1,134 @@
+"""The CLI: every user error is one line on stderr, exit status 2, no traceback."""
+
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparsify import cli
+from sparsify.checkpoint import save_checkpoint
+from sparsify.models import create_model
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = """
+modifiers:
+  - type: MagnitudePruning
+    params: [Linear]
+    final_sparsity: 0.5
+    start_epoch: 0
+    end_epoch: 1
+"""
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+@pytest.fixture
+def files(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE)
+    torch.manual_seed(0)
+    good = save_checkpoint(tmp_path / "lenet.pt", create_model("lenet", image_size=8).state_dict())
+    wrong = save_checkpoint(tmp_path / "resnet.pt", create_model("resnet18").state_dict())
+    evil = tmp_path / "evil.pt"
+    with open(evil, "wb") as f:
+        pickle.dump({"fc.weight": Payload()}, f, protocol=2)
+    return {"recipe": recipe, "good": good, "wrong": wrong, "evil": evil, "dir": tmp_path}
+
+
+def apply_args(files, checkpoint, *extra):
+    return ["apply", "--recipe", str(files["recipe"]), "--checkpoint", str(checkpoint),
+            "--model", "lenet", "--data", "digits", "--out", str(files["dir"] / "out"),
+            "--no-progress", *extra]
+
+
+def one_line_error(capsys, argv, pattern):
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert pytest.importorskip("re").search(pattern, lines[0]), lines[0]
+    return lines[0]
+
+
+def test_missing_checkpoint(capsys, files):
+    one_line_error(capsys, apply_args(files, files["dir"] / "nope.pt"),
+                   r"checkpoint .*nope\.pt does not exist")
+
+
+def test_checkpoint_that_does_not_fit_the_model(capsys, files):
+    line = one_line_error(capsys, apply_args(files, files["wrong"]),
+                          r"does not fit model LeNet: missing keys: features\.0\.weight")
+    assert "unexpected keys: conv1.weight" in line
+
+
+def test_pickle_that_carries_code_is_refused(capsys, files):
+    one_line_error(capsys, apply_args(files, files["evil"]),
+                   r"refused to load .*evil\.pt: it is a pickle that would import and call print")
+    assert "this must never run" not in capsys.readouterr().out
+
+
+def test_unknown_model_and_dataset(capsys, files):
+    argv = apply_args(files, files["good"])
+    argv[argv.index("lenet")] = "lenet7"
+    one_line_error(capsys, argv, r"unknown model 'lenet7'; choose one of .*resnet18")
+    argv = apply_args(files, files["good"])
+    argv[argv.index("digits")] = "cifar10"
+    one_line_error(capsys, argv, r"unknown dataset 'cifar10'")
+
+
+def test_bad_recipe_is_one_line(capsys, files):
+    bad = files["dir"] / "bad.yaml"
+    bad.write_text("modifiers:\n  - type: MagnitudePruning\n    final_sparsty: 0.5\n")
+    argv = apply_args(files, files["good"])
+    argv[argv.index(str(files["recipe"]))] = str(bad)
+    one_line_error(capsys, argv, r"bad\.yaml.*final_sparsty")
+
+
+def test_argparse_errors_exit_nonzero(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["apply", "--recipe", "r.yaml"])
+    assert exc.value.code != 0
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["no-such-command"])
+    assert exc.value.code != 0
+
+
+def test_apply_then_analyze(capsys, files):
+    assert cli.main(apply_args(files, files["good"], "--batch-size", "128")) == 0
+    out = capsys.readouterr().out
+    assert "val top-1" in out and "model.pt" in out
+    model_pt = files["dir"] / "out" / "model.pt"
+    assert cli.main(["analyze", str(model_pt), "--model", "lenet", "--data", "digits",
+                     "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    layers = {x["name"]: x for x in report["layers"]}
+    assert layers["classifier.1.weight"]["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert layers["features.0.weight"]["sparsity"] == 0.0
+    assert cli.main(["analyze", str(model_pt)]) == 0
+    assert "classifier.3.weight" in capsys.readouterr().out
+
+
+def test_every_command_has_help():
+    parser = cli.build_parser()
+    for name, (add, run) in cli.COMMANDS.items():
+        assert run.__doc__, name
+    assert parser.parse_args(["demo"]).command == "demo"
+
+
+def test_real_process_prints_one_line_and_exits_2(files, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "sparsify.cli", *apply_args(files, tmp_path / "missing.pt")],
+        capture_output=True, text=True, cwd=REPO,
+        env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: checkpoint ")
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr

@@ -456,10 +456,6 @@ def export(model: nn.Module, path: str | os.PathLike, sample_input: Any, format:
                             bool(moved))
                 lap("check")
             report.file_size = tmp.stat().st_size
-            # the temporary file is created private (0600); the export gets the usual mode
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
     except OSError as err:
         raise ExportError(f"cannot write {path}: {err.strerror or err}") from err
     log.info("exported %s (%s, %.2f MB)", path, fmt, report.file_size / 1e6)

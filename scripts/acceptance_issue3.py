@@ -31,31 +31,6 @@ from sparsify.train import TrainConfig, evaluate, finetune, train_baseline
 
 log = logging.getLogger("acceptance_issue3")
 
-# QAT on the already pruned checkpoint: the last two epochs of
-# recipes/resnet18_mnist_prune90_qat_int8.yaml, with ConstantPruning holding the zeros
-QAT_RECIPE = """\
-# QAT (2 epochs) of a 90% pruned ResNet-18: the QAT stage of resnet18_mnist_prune90_qat_int8.yaml
-modifiers:
-  - type: EpochRange
-    start_epoch: 0
-    end_epoch: 2
-  - type: ConstantPruning
-    params: [Conv2d, Linear]
-    start_epoch: 0
-  - type: Quantization
-    start_epoch: 0
-    scheme: W8A8
-    num_calibration_steps: 16
-    method: minmax
-    freeze_bn_stats_epoch: 1
-    disable_quantization_observer_epoch: 1.5
-  - type: LearningRateFunction
-    lr_func: cosine
-    init_lr: 0.002
-    final_lr: 0.0001
-    start_epoch: 0
-    end_epoch: 2
-"""
 
 
 def ort_top1(path: Path, inputs: torch.Tensor, labels: torch.Tensor, batch: int = 100,
@@ -99,8 +74,7 @@ def mnist(work: Path, pruned: Path | None = None, qat: bool = True) -> dict:
         dense, _ = baseline_checkpoint(progress=False)
         pruned = finetuned(find_recipe("resnet18_mnist_prune90.yaml"), dense,
                            work / "r18_prune90", "resnet18", "mnist")
-    qat_recipe = work / "r18_qat2.yaml"
-    qat_recipe.write_text(QAT_RECIPE)
+    qat_recipe = find_recipe("qat_int8_after_pruning.yaml")
     qat_ckpt = (finetuned(qat_recipe, pruned, work / "r18_prune90_qat2", "resnet18", "mnist")
                 if qat else None)
     train_s = time.perf_counter() - t0

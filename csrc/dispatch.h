@@ -50,6 +50,10 @@ struct SpmmArgs {
   const int64_t* koff;     // X(k, n) = x[koff[k] + n * cs]
   const float* x;
   int64_t cs;              // 1, or K when X arrives transposed (linear's [T, K] input)
+  // Tiles packed once by the driver and shared by all threads, [n / spmm_nt][K][spmm_nt] (zero
+  // padded; only with n0 = 0), or null: each call then packs its own. (Reading X in place
+  // instead of packing was measured slower: the strided rows span many pages and lines.)
+  const float* packed = nullptr;
 };
 
 // One flat signature per kernel family (XNNPACK style); drivers own threading and blocking.

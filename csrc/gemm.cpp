@@ -19,7 +19,7 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // Work below this many multiply-adds runs on the calling thread: waking a worker costs more.
 constexpr int64_t kSerialWork = 32 * 1024;
 
-thread_local FloatBuf t_pack, t_yt, t_tile, t_apanels, t_xt;
+thread_local FloatBuf t_pack, t_yt, t_tile, t_apanels, t_xt, t_shared;
 
 void pack_panels(const float* w, int64_t m, int64_t k, int64_t groups, float* dst) {
   const int64_t mg = m / groups, per_group = ceil_div(mg, kGemmMR);
@@ -49,6 +49,21 @@ void sparse_gemv(const SparseWeight& w, int64_t m0, int64_t rows, const float* x
   });
 }
 
+// Packs every column tile of X once for all threads: [n / nt][K][nt], zero padded past n.
+void pack_shared_tiles(const float* x, const int64_t* koff, int64_t cs, int64_t K, int64_t n,
+                       int64_t nt, float* dst) {
+  const int64_t tiles = ceil_div(n, nt);
+  parallel_range(K, K * n < kSerialWork, [&](int64_t k) {
+    for (int64_t t = 0; t < tiles; ++t) {
+      float* d = dst + (t * K + k) * nt;
+      const int64_t c0 = t * nt, w = std::min(nt, n - c0);
+      if (cs == 1) std::memcpy(d, x + koff[k] + c0, sizeof(float) * w);
+      else for (int64_t j = 0; j < w; ++j) d[j] = x[koff[k] + (c0 + j) * cs];
+      for (int64_t j = w; j < nt; ++j) d[j] = 0.f;
+    }
+  });
+}
+
 void sparse_gemm(const SparseWeight& w, const SparseLayout& l, int64_t m0, int64_t rows,
                  const float* x, const int64_t* koff, int64_t cs, int64_t n, float* y,
                  int64_t ldy, const Epilogue& ep) {
@@ -60,24 +75,29 @@ void sparse_gemm(const SparseWeight& w, const SparseLayout& l, int64_t m0, int64
   const int64_t nnz = pre[m0 + rows] - pre[m0];
   int nt = num_threads();
   if ((nnz + rows) * n < kSerialWork) nt = 1;
-  const int64_t tiles = ceil_div(n, kSpmmSplit);
   const int64_t tile_floats = std::min(l.kb, w.K) * kt.spmm_nt + 64;
   if (nt == 1) {
     kt.spmm(a, m0, m0 + rows, 0, n, y, ldy, ep, t_tile.get(tile_floats));
     return;
   }
-  if (tiles >= nt) {
-    // one column tile per chunk: each packs only its own X tile (row ranges would each pack all
-    // of X: 8 copies of BERT's 128 tokens at 2 threads, measured slower)
-    parallel_for(tiles, [&](int64_t i) {
-      kt.spmm(a, m0, m0 + rows, i * kSpmmSplit, std::min(n, (i + 1) * kSpmmSplit), y, ldy, ep,
-              t_tile.get(tile_floats));
+  const int64_t vw = kt.simd_width, per_tile = kt.spmm_nt / vw, nvec = ceil_div(n, vw);
+  if (nvec >= per_tile * nt) {
+    // column chunks of whole vectors, about a tile each and a multiple of the thread count, so
+    // every thread gets the same share (196 columns in tiles of 64 gave one thread 2x the work)
+    const int64_t chunks = nt * ceil_div(ceil_div(nvec, per_tile), nt);
+    parallel_for(chunks, [&](int64_t i) {
+      const int64_t c0 = std::min(n, nvec * i / chunks * vw);
+      const int64_t c1 = std::min(n, nvec * (i + 1) / chunks * vw);
+      if (c1 > c0) kt.spmm(a, m0, m0 + rows, c0, c1, y, ldy, ep, t_tile.get(tile_floats));
     });
     return;
   }
-  // few columns: row ranges balanced by nonzeros (+ a per-row epilogue cost); each chunk packs
-  // the same X tiles, so keep the chunks few
-  const int64_t parts = 4 * nt, total = nnz + 4 * rows;
+  // few columns: row ranges balanced by nonzeros (+ a per-row epilogue cost), reading X tiles
+  // packed once here (each chunk packing its own copy cost 8 copies of X at 2 threads)
+  float* sh = t_shared.get(ceil_div(n, kt.spmm_nt) * w.K * kt.spmm_nt);
+  pack_shared_tiles(x, koff, cs, w.K, n, kt.spmm_nt, sh);
+  a.packed = sh;
+  const int64_t parts = 2 * nt, total = nnz + 4 * rows;
   auto split = [&](int64_t part) {
     if (part >= parts) return rows;
     const int64_t target = total * part / parts;

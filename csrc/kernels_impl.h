@@ -146,19 +146,26 @@ static void spmm_tail(int nv, const int32_t* rp, const int32_t* off, const float
 }
 
 // Column tiles outer, K blocks inner: the packed X block serves every row while in cache and the
-// output tile stays in cache between K blocks. The tile is zero padded past `width` so partial
-// vectors can be read whole.
+// output tile stays in cache between K blocks. The block comes from the driver's shared packing
+// when there is one, else it is packed here into `buf`; either way zero padded past `width` so
+// partial vectors can be read whole.
 static void spmm(const SpmmArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1, float* y,
                  int64_t ldy, const Epilogue& ep, float* buf) {
   constexpr int NT = kSpmmNV * W;
   Epilogue e = ep;
   for (int64_t n = n0; n < n1; n += NT) {
     const int64_t width = imin(NT, n1 - n);
+    const int nv = (int)((width + W - 1) / W);
+    const int tail = (int)(width - (int64_t)(nv - 1) * W);
+    const float* shared = a.packed ? a.packed + (n / NT) * a.K * NT : nullptr;
     e.res = ep.res ? ep.res + n : nullptr;
     for (int64_t b = 0; b < a.nblocks; ++b) {
       const int64_t k0 = b * a.kb, kc = imin(a.kb, a.K - k0);
-      const bool ahead = n + NT < n1;
-      if (a.cs == 1) {
+      const float* xb = buf;
+      if (shared) {
+        xb = shared + k0 * NT;
+      } else if (a.cs == 1) {
+        const bool ahead = n + NT < n1;
         for (int64_t k = 0; k < kc; ++k) {
           const float* src = a.x + a.koff[k0 + k] + n;
           copy_row<NT / W>(src, (int)width, buf + k * NT);
@@ -180,14 +187,11 @@ static void spmm(const SpmmArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t 
       }
       const int32_t* rp = a.row_ptr + b * a.rp_stride;
       const int mode = (b == 0 ? kTileFirst : 0) | (b + 1 == a.nblocks ? kTileLast : 0);
-      if (width == NT) {
-        spmm_tile<kSpmmNV, kSpmmU, false>(rp, a.off, a.val, a.perm, m0, m1, buf, W, y + n, ldy,
+      if (width == NT)
+        spmm_tile<kSpmmNV, kSpmmU, false>(rp, a.off, a.val, a.perm, m0, m1, xb, W, y + n, ldy,
                                           mode, e);
-      } else {
-        const int nv = (int)((width + W - 1) / W);
-        spmm_tail<kSpmmNV>(nv, rp, a.off, a.val, a.perm, m0, m1, buf,
-                           (int)(width - (int64_t)(nv - 1) * W), y + n, ldy, mode, e);
-      }
+      else
+        spmm_tail<kSpmmNV>(nv, rp, a.off, a.val, a.perm, m0, m1, xb, tail, y + n, ldy, mode, e);
     }
   }
 }

@@ -338,19 +338,26 @@ def test_nan_and_inf_propagate_without_crash(isa):
     np.testing.assert_array_equal(np.isnan(y), np.isnan(want))
 
 
-def test_threads_give_identical_results():
-    rng = np.random.default_rng(8)
-    w = sparse_matrix(rng, 96, 150, 0.9)
-    x = rng.standard_normal((150, 700)).astype(np.float32)
+@pytest.mark.parametrize("n", [49, 70, 196, 700])
+def test_threads_give_identical_results(n):
+    """Every way the drivers split work over threads (column chunks of whole vectors; row ranges
+    over X tiles packed once and shared, for few columns) gives the 1-thread result exactly."""
+    rng = np.random.default_rng(8 + n)
+    w = sparse_matrix(rng, 96, 1500, 0.9, empty_rows=3)
+    x = rng.standard_normal((1500, n)).astype(np.float32)
+    bias = rng.standard_normal(96).astype(np.float32)
+    res = rng.standard_normal((96, n)).astype(np.float32)
     before = kernels.get_num_threads()
     try:
         outs = []
         for t in (1, 2, 3):
             kernels.set_num_threads(t)
-            outs.append([kernels.gemm(kernels.PackedWeight.pack(w, kind), x)
-                         for kind in ("sparse", "dense")])
+            outs.append([kernels.gemm(kernels.PackedWeight.pack(w, kind), x, bias, "relu", res)
+                         for kind in ("sparse", "dense")]
+                        + [kernels.linear(kernels.PackedWeight.pack(w, "sparse"), x.T.copy(), bias)])
     finally:
         kernels.set_num_threads(before)
+    close(outs[0][0], reference.gemm(w, x, bias, "relu", res), scale=term_scale(w, x))
     for o in outs[1:]:
         for a, b in zip(outs[0], o):
             np.testing.assert_array_equal(a, b)

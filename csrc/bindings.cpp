@@ -183,7 +183,7 @@ NB_MODULE(_core, mod) {
     const ActArgs a = act_args(act, lo, hi);
     const float* b = vec_or_null(bias, m, "conv bias");
     const float* r = same_or_null(res, numel(y), "conv residual");
-    const ConvPlan plan = plan_conv(s);
+    const ConvPlan plan = plan_conv(s, sw != nullptr);
     const WeightRef w = bind_weight(sw, dw, plan.koff, group);  // caches: needs the GIL
     nb::gil_scoped_release nogil;
     run_conv2d(w, plan, x.data(), s, b, r, a.act, a.lo, a.hi, y.data());

@@ -123,7 +123,7 @@ void window_planes(int op, const float* w, const float* x, const ConvShape& s, f
 
 }  // namespace
 
-ConvPlan plan_conv(const ConvShape& s) {
+ConvPlan plan_conv(const ConvShape& s, bool sparse) {
   ConvPlan p;
   const int64_t cg = s.c / s.group, taps = (int64_t)s.kh * s.kw;
   p.koff.resize(cg * taps);
@@ -139,7 +139,9 @@ ConvPlan plan_conv(const ConvShape& s) {
   const int64_t di = (int64_t)(s.kh - 1) * s.dh / s.sh, dj = (int64_t)(s.kw - 1) * s.dw / s.sw;
   p.hq = s.oh + di;
   p.wq = s.ow + dj;
-  if (p.wq * 100 <= s.ow * 118) {
+  const int64_t vw = kernels().simd_width;
+  const bool free_waste = sparse && (s.oh * p.wq + vw - 1) / vw <= (s.oh * s.ow + vw - 1) / vw;
+  if (p.wq * 100 <= s.ow * 118 || free_waste) {
     p.mode = ConvPlan::kPhased;
     p.n_virtual = s.oh * p.wq;
     const int64_t plane = p.hq * p.wq, ch = (int64_t)s.sh * s.sw * plane;

@@ -108,7 +108,10 @@ struct ConvPlan {
   int64_t buf = 0;         // floats of the lowered input per group (0 = read x directly)
   std::vector<int64_t> koff;
 };
-ConvPlan plan_conv(const ConvShape& s);
+// `sparse`: the weight runs on the sparse kernel, whose cost follows whole vectors of columns, so
+// the phased layout's wasted columns are free whenever they fit in the vectors a row needs anyway
+// (3x3 on 7x7: 63 columns instead of 49, both 4 vectors of 16, and no im2col copy).
+ConvPlan plan_conv(const ConvShape& s, bool sparse = false);
 
 void run_conv2d(const WeightRef& w, const ConvPlan& plan, const float* x, const ConvShape& s,
                 const float* bias, const float* res, int act, float lo, float hi, float* y);

@@ -131,6 +131,9 @@ CONV_CASES = [  # (N, C, H, W, M, kernel, strides, pads, dilations, group)
     (2, 10, 6, 5, 15, (3, 3), (1, 2), (2, 0, 1, 3), (1, 2), 5),
     (1, 1, 1, 1, 1, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1),
     (1, 4, 5, 5, 3, (5, 5), (1, 1), (0, 0, 0, 0), (1, 1), 1),
+    # ResNet's 3x3 on 7x7: im2col for the dense kernel, phased (63 columns, same 4 vectors as
+    # 49) for the sparse one
+    (2, 40, 7, 7, 24, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1),
 ]
 
 

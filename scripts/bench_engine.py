@@ -129,45 +129,16 @@ def overhead_model(n: int = 100) -> onnx.ModelProto:
 
 
 # ---------------------------------------------------------------- timing
-def stats(times_s: list) -> dict:
-    t = np.asarray(times_s) * 1e3
-    return {"mean_ms": float(t.mean()), "p50_ms": float(np.percentile(t, 50)),
-            "p90_ms": float(np.percentile(t, 90)), "p99_ms": float(np.percentile(t, 99)), "n": len(t)}
-
-
-def time_interleaved(runners: dict, warmup: int, repeats: int, blocks: int = 5) -> dict:
-    """runner name -> stats, from `blocks` rounds in which each runner is timed in its own block.
-
-    Runners take turns block by block, so slow drift on a shared machine hits all alike. Within a
-    block one runtime runs alone after its own warm-up: calling them strictly one after another
-    let onnxruntime's and torch's spin-waiting worker threads occupy a core during the next
-    runtime's call (measured: ResNet-50 90% in the engine, 2 threads, 29.5 ms interleaved per
-    call vs 17.5 ms alone).
-    """
-    per_block = max(1, -(-repeats // blocks))
-    times = {k: [] for k in runners}
-    for _ in range(blocks):
-        for name, fn in runners.items():
-            for _ in range(warmup):
-                fn()
-            for _ in range(per_block):
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
-    return {k: stats(v) for k, v in times.items()}
+# The timing method (alternating blocks, each runtime alone within its block) is the package's:
+# sparsify.engine.bench, shared with `sparsify benchmark`.
+from sparsify.engine.bench import ort_session, time_blocks as time_interleaved  # noqa: E402
 
 
 def make_runners(path: Path, case: str, batch: int, threads: int, with_torch: bool, bert_layers: int):
-    import onnxruntime as ort
-
     from sparsify.engine import Engine
 
     engine = Engine(path, threads=threads)
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    sess = ort_session(path, threads)
     name = engine.input_names[0]
     x = _sample(case, batch)
     feeds = {name: x}

@@ -17,7 +17,7 @@ import logging
 import sys
 from pathlib import Path
 
-from sparsify.errors import SparsifyError
+from sparsify.errors import InputError, SparsifyError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -211,6 +211,53 @@ def _run_run(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# benchmark: the engine against onnxruntime on the same file
+
+
+def _add_benchmark_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", type=Path, help="the .onnx file to time")
+    parser.add_argument("--batch", type=int, default=1,
+                        help="batch size for random inputs (a symbolic first axis; default 1)")
+    parser.add_argument("--input", action="append", default=None, metavar="[NAME=]FILE",
+                        help="use these arrays instead of random inputs (as for `sparsify run`)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads for both runtimes (default: all cores)")
+    parser.add_argument("--repeats", type=int, default=30, help="timed calls per runtime (default 30)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls before each block")
+    parser.add_argument("--no-onnxruntime", action="store_true", help="time the engine only")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print the engine's time per op type and its slowest steps")
+    parser.add_argument("--top", type=int, default=15, help="steps listed by --profile (default 15)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results to this file")
+
+
+def _run_benchmark(args: argparse.Namespace) -> int:
+    """Time an ONNX model on the engine and onnxruntime in the same run (latency, items/s, ratio)."""
+    from sparsify.engine.bench import benchmark, format_benchmark
+    from sparsify.fileio import atomic_write_text
+
+    for flag, value in (("--batch", args.batch), ("--repeats", args.repeats), ("--top", args.top)):
+        if value <= 0:
+            raise InputError(f"{flag} must be a positive integer, got {value}")
+    if args.warmup < 0:
+        raise InputError(f"--warmup must be >= 0, got {args.warmup}")
+    feeds = None
+    if args.input:
+        from sparsify.engine import Engine
+        from sparsify.engine.engine import read_feeds
+
+        feeds = read_feeds(args.input, Engine(args.model).input_names)
+    result = benchmark(args.model, batch=args.batch, threads=args.threads, repeats=args.repeats,
+                       warmup=args.warmup, feeds=feeds, onnxruntime=not args.no_onnxruntime,
+                       profile=args.profile)
+    print(format_benchmark(result, top=args.top))
+    if args.json is not None:
+        atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # The command table: name -> (add arguments, run). Add a command by adding one row.
 
 COMMANDS = {
@@ -219,6 +266,7 @@ COMMANDS = {
     "demo": (_add_demo_args, _run_demo),
     "export": (_add_export_args, _run_export),
     "run": (_add_run_args, _run_run),
+    "benchmark": (_add_benchmark_args, _run_benchmark),
 }
 
 

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -72,16 +73,54 @@ class Engine:
 
     def run(self, feeds: dict, output_names=None) -> list:
         """Outputs as a list in graph order (or in ``output_names`` order)."""
+        vals = self._execute(feeds)
+        outs = [np.array(vals[s]) if const else np.asarray(vals[s])
+                for s, const in zip(self._out_slots, self._const_out)]
+        if output_names is None:
+            return outs
+        index = {n: i for i, n in enumerate(self.output_names)}
+        unknown = [n for n in output_names if n not in index]
+        if unknown:
+            raise InputError(f"unknown output name(s) {unknown}; the model's outputs are {self.output_names}")
+        return [outs[index[n]] for n in output_names]
+
+    def profile(self, feeds: dict, repeats: int = 10) -> list:
+        """Where a run spends its time: one row per plan step, in plan order, with its median wall
+        time over ``repeats`` runs after one warm-up run: ``{"name", "op", "ms", "kind"}``.
+
+        ``op`` names the fused chain (e.g. ``Conv+Add+Relu``); ``kind`` is the layer's kernel
+        (sparse / dense / depthwise) for steps that run a packed weight, else None. The timer
+        around each step adds well under a microsecond per step.
+        """
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats <= 0:
+            raise InputError(f"repeats must be a positive integer, got {repeats!r}")
+        self._execute(feeds)
+        times = [[] for _ in self._steps]
+        for _ in range(repeats):
+            self._execute(feeds, times)
+        kinds = {row["name"]: row["kind"] for row in self.plan.layers}
+        return [{"name": step.name, "op": step.op, "ms": 1e3 * float(np.median(t)),
+                 "kind": kinds.get(step.name.split("+")[0])}
+                for step, t in zip(self.plan.steps, times)]
+
+    def _execute(self, feeds: dict, times: list | None = None) -> list:
+        """Runs every step; returns the value slots. ``times[k]`` collects step k's durations."""
         vals = list(self.plan.init)
         for slot, arr in self._checked(feeds):
             vals[slot] = arr
         if self.threads is not None and kernels.get_num_threads() != self.threads:
             kernels.set_num_threads(self.threads)
+        clock = time.perf_counter
         k = 0
         try:
             with np.errstate(all="ignore"):  # NaN/Inf inputs propagate like in onnxruntime, silently
                 for k, (fn, ins, out, free) in enumerate(self._steps):
-                    r = fn(*[vals[i] for i in ins])
+                    if times is None:
+                        r = fn(*[vals[i] for i in ins])
+                    else:
+                        start = clock()
+                        r = fn(*[vals[i] for i in ins])
+                        times[k].append(clock() - start)
                     if out.__class__ is int:
                         vals[out] = r
                     else:
@@ -94,15 +133,7 @@ class Engine:
             shapes = ", ".join(str(list(np.shape(vals[i]))) for i in step.inputs)
             raise EngineError(f"node {step.name!r} ({step.op}) failed on inputs of shapes {shapes}: {err}; "
                               "do the inputs have the sizes the model was exported for?") from err
-        outs = [np.array(vals[s]) if const else np.asarray(vals[s])
-                for s, const in zip(self._out_slots, self._const_out)]
-        if output_names is None:
-            return outs
-        index = {n: i for i, n in enumerate(self.output_names)}
-        unknown = [n for n in output_names if n not in index]
-        if unknown:
-            raise InputError(f"unknown output name(s) {unknown}; the model's outputs are {self.output_names}")
-        return [outs[index[n]] for n in output_names]
+        return vals
 
     def _checked(self, feeds: dict):
         """(slot, array) per graph input, after checking names, dtypes and shapes."""

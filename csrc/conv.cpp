@@ -224,10 +224,11 @@ void run_conv2d(const WeightRef& w, const ConvPlan& p, const float* x, const Con
   const int64_t cg = s.c / s.group, mg = s.m / s.group, kg = cg * s.kh * s.kw;
   const int64_t plane = s.oh * s.ow;
   if (plane == 0 || mg == 0) return;
-  float* buf = p.buf ? t_cols.get(p.buf) : nullptr;
   const bool pitched = p.mode == ConvPlan::kPhased && p.wq != s.ow;
-  float* virt = pitched ? t_virt.get(mg * p.n_virtual + 16) : nullptr;
-  for (int64_t img = 0; img < s.n; ++img)
+  auto one_image = [&](int64_t img) {
+    // scratch of the thread running this image (images may run on different threads)
+    float* buf = p.buf ? t_cols.get(p.buf) : nullptr;
+    float* virt = pitched ? t_virt.get(mg * p.n_virtual + 16) : nullptr;
     for (int64_t g = 0; g < s.group; ++g) {
       const float* xg = x + (img * s.c + g * cg) * s.h * s.w;
       if (p.mode == ConvPlan::kPhased) fill_conv_phases(xg, cg, s, p, buf);
@@ -252,6 +253,13 @@ void run_conv2d(const WeightRef& w, const ConvPlan& p, const float* x, const Con
         run_gemm(wg, g * mg, mg, kg, src, p.koff.data(), 1, plane, yg, plane, ep);
       }
     }
+  };
+  // A batch that divides evenly over the threads (or is large) runs whole images per thread:
+  // no split or join inside a layer and no small-layer imbalance. Kernels called from inside a
+  // chunk run serially (parallel_for does not nest).
+  const int nt = num_threads();
+  if (nt > 1 && s.n > 1 && (s.n % nt == 0 || s.n >= 4 * nt)) parallel_for(s.n, one_image);
+  else for (int64_t img = 0; img < s.n; ++img) one_image(img);
 }
 
 void run_window_planes(int op, const float* w, const float* x, const ConvShape& s, float pad,

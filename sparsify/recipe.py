@@ -30,7 +30,7 @@ from pydantic import ValidationError
 from sparsify import sparseml
 from sparsify.errors import RecipeError
 from sparsify.modifiers import MODIFIERS
-from sparsify.modifiers.base import Modifier, recipe_fields
+from sparsify.modifiers.base import Modifier, explain_validation, recipe_fields
 
 
 @dataclass
@@ -156,17 +156,7 @@ def build_modifier(item: dict, index: int, where: str) -> Modifier:
     try:
         modifier = cls.model_validate(item)
     except ValidationError as err:
-        raise RecipeError(f"{where}: {label}: {_explain(err)}") from None
+        raise RecipeError(f"{where}: {label}: {explain_validation(err)}") from None
     modifier.index_ = index
     return modifier
 
-
-def _explain(err: ValidationError) -> str:
-    first = err.errors()[0]
-    msg = first["msg"].removeprefix("Value error, ")
-    if not first["loc"]:
-        return msg
-    loc = str(first["loc"][0])  # union members add their type to loc: name the field only
-    if first["type"] == "missing":
-        return f"missing required field {loc!r}"
-    return f"field {loc!r} = {first.get('input')!r}: {msg}"

@@ -116,6 +116,18 @@ def test_missing_required_field():
     assert "missing required field 'final_sparsity'" in error("modifiers:\n  - type: MagnitudePruning\n")
 
 
+def test_modifiers_built_in_python_raise_recipe_errors_naming_the_field():
+    assert MagnitudePruning(final_sparsity=0.5).final_sparsity == 0.5
+    with pytest.raises(RecipeError, match=r"^MagnitudePruning: field 'final_sparsity' = 1.5: .*\[0, 1\)"):
+        MagnitudePruning(final_sparsity=1.5)
+    with pytest.raises(RecipeError, match=r"^MagnitudePruning: missing required field 'final_sparsity'"):
+        MagnitudePruning()
+    with pytest.raises(RecipeError, match=r"^MagnitudePruning: unknown field 'update_frequncy'"):
+        MagnitudePruning(final_sparsity=0.5, update_frequncy=1)
+    with pytest.raises(RecipeError, match=r"end_epoch .* before start_epoch"):
+        MagnitudePruning(final_sparsity=0.5, start_epoch=3, end_epoch=1)
+
+
 def test_bad_mask_type_and_nm_limit():
     assert "mask_type" in error("modifiers:\n  - {type: MagnitudePruning, final_sparsity: 0.5, mask_type: 3x}\n")
     message = error("modifiers:\n  - {type: MagnitudePruning, final_sparsity: 0.75, mask_type: '2:4'}\n")

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sparsify.errors import RecipeError
 
@@ -81,10 +81,34 @@ def runtime(default: Any = None) -> Any:
     return Field(default=default, exclude=True, repr=False)
 
 
+def explain_validation(err: ValidationError) -> str:
+    """pydantic's first complaint as one sentence that names the field."""
+    first = err.errors()[0]
+    msg = first["msg"].removeprefix("Value error, ")
+    if not first["loc"]:
+        return msg
+    loc = str(first["loc"][0])  # union members add their type to loc: name the field only
+    if first["type"] == "missing":
+        return f"missing required field {loc!r}"
+    if first["type"] == "extra_forbidden":
+        return f"unknown field {loc!r}"
+    return f"field {loc!r} = {first.get('input')!r}: {msg}"
+
+
 class Modifier(BaseModel):
-    """Base of every modifier. Subclasses add recipe fields and override the hooks they need."""
+    """Base of every modifier. Subclasses add recipe fields and override the hooks they need.
+
+    Built from Python (``MagnitudePruning(final_sparsity=0.9, ...)``) a bad field raises
+    ``RecipeError`` naming the modifier and the field, as it does from a recipe file.
+    """
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    def __init__(self, /, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as err:
+            raise RecipeError(f"{type(self).__name__}: {explain_validation(err)}") from None
 
     start_epoch: float = Field(default=0.0, ge=0.0, description="epoch the modifier starts at")
     end_epoch: float = Field(

@@ -11,7 +11,6 @@
 namespace sparsify {
 namespace {
 
-constexpr int64_t kSpmmSplit = 64;  // columns per chunk when threads split N
 constexpr int64_t kSpmmTileBytes = 64 * 1024;  // packed sparse X tile (measured: 16-32 KB and 256 KB slower)
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

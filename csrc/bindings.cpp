@@ -258,6 +258,35 @@ NB_MODULE(_core, mod) {
     run_batched_matmul(a.data(), x.data(), b, m, k, n, y.data());
   }, nb::arg("a"), nb::arg("x"), nb::arg("out"));
 
+  mod.def("attention", [](In q, In k, In v, int64_t heads, float scale, OptIn mask, int64_t msb,
+                          int64_t msh, int64_t msr, Out y) {
+    expect(q.ndim() == 3 && k.ndim() == 3 && v.ndim() == 3 && q.shape(0) == k.shape(0) &&
+           k.shape(0) == v.shape(0) && k.shape(1) == v.shape(1) && q.shape(2) == k.shape(2) &&
+           k.shape(2) == v.shape(2), "attention: q must be [B, Sq, H*D], k and v [B, Sk, H*D], got " +
+           shape_of(q) + ", " + shape_of(k) + ", " + shape_of(v));
+    const int64_t hd = (int64_t)q.shape(2);
+    expect(heads > 0 && hd % heads == 0, "attention: heads must divide the last axis");
+    AttentionShape s;
+    s.B = (int64_t)q.shape(0);
+    s.H = heads;
+    s.Sq = (int64_t)q.shape(1);
+    s.Sk = (int64_t)k.shape(1);
+    s.D = hd / heads;
+    s.ldq = s.ldk = s.ldv = s.ldo = hd;
+    check_out(y, {s.B, s.Sq, hd}, "attention");
+    const float* m = nullptr;
+    if (mask) {
+      expect(msb >= 0 && msh >= 0 && msr >= 0, "attention: mask strides must be non-negative");
+      const int64_t last = (s.B - 1) * msb + (s.H - 1) * msh + (s.Sq - 1) * msr + s.Sk;
+      expect(numel(*mask) >= last, "attention: mask strides reach past the mask");
+      m = mask->data();
+      s.msb = msb; s.msh = msh; s.msr = msr;
+    }
+    nb::gil_scoped_release nogil;
+    run_attention(q.data(), k.data(), v.data(), s, scale, m, y.data());
+  }, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("heads"), nb::arg("scale"),
+     nb::arg("mask").none(), nb::arg("msb"), nb::arg("msh"), nb::arg("msr"), nb::arg("out"));
+
   // glibc returns every freed block above its (adaptive) mmap threshold, and the top of the
   // heap above the trim threshold, to the OS, so each run's fresh activation arrays page-fault
   // again: measured 30% of BERT-base's run time on a busy 2-core machine. Keeping blocks up to

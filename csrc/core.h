@@ -130,4 +130,28 @@ void run_layer_norm(const float* x, int64_t rows, int64_t n, const float* scale,
 void run_batched_matmul(const float* a, const float* x, int64_t batch, int64_t M, int64_t K,
                         int64_t N, float* y);
 
+// Scaled dot-product attention over tokens stored [B, S, H * D] (what the Q/K/V projections
+// write): out(b, s, h, :) = sum_t softmax_t(scale * Q(b, h, s, :) . K(b, h, t, :) + mask) V(b, h, t, :)
+// with Q(b, h, s, d) = q[(b * Sq + s) * ldq + h * D + d] (K, V, out alike, Sk tokens for K and V)
+// and mask(b, h, s, t) = mask[b * msb + h * msh + s * msr + t] (strides 0 broadcast; null: none).
+struct AttentionShape {
+  int64_t B, H, Sq, Sk, D, ldq, ldk, ldv, ldo;
+  int64_t msb = 0, msh = 0, msr = 0;
+};
+void run_attention(const float* q, const float* k, const float* v, const AttentionShape& s,
+                   float scale, const float* mask, float* out);
+
+// The GEMM drivers of gemm.cpp for linear.cpp: a sparse weight's rows [m0, m0 + rows); the
+// dense panel GEMM split over threads, or on the calling thread for columns [c0, c1).
+void pack_weight_panels(const float* w, int64_t m, int64_t k, float* dst);
+void sparse_gemm_rows(const WeightRef& w, int64_t m0, int64_t rows, const float* x,
+                      const int64_t* koff, int64_t cs, int64_t n, float* y, int64_t ldy,
+                      const Epilogue& ep);
+void dense_gemm_threaded(const float* wp, int64_t rows, int64_t K, const float* x,
+                         const int64_t* koff, int64_t cs, int64_t n, float* y, int64_t ldy,
+                         const Epilogue& ep);
+void dense_gemm_serial(const float* wp, int64_t rows, int64_t K, const float* x,
+                       const int64_t* koff, int64_t cs, int64_t c0, int64_t c1, float* y,
+                       int64_t ldy, const Epilogue& ep);
+
 }  // namespace sparsify

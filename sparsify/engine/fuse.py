@@ -108,6 +108,17 @@ def fuse(nodes: list, consts: dict, shapes: dict, graph_outs: set, kind: str):
     absorbed: set[int] = set()
     placed: list[tuple[int, StepSrc]] = []
     layers = []
+    # attention first: its head-splitting Reshape/Transpose nodes come before the MatMul that
+    # reveals the pattern, and the main loop below places nodes in order
+    producer = {o: k for k, nd in enumerate(nodes) for o in nd.outputs if o}
+    for i, n in enumerate(nodes):
+        if n.op == "MatMul" and i not in absorbed:
+            got = _fuse_attention(i, n, nodes, consts, shapes, producer, readers, graph_outs,
+                                  sole_reader)
+            if got:
+                pos, src, used = got
+                absorbed.update(used)
+                placed.append((pos, src))
     for i, n in enumerate(nodes):
         if i in absorbed:
             continue
@@ -174,6 +185,152 @@ def _gelu_chain(i, n, nodes, consts, sole_reader):
 
 def _other(node: Node, value: str) -> str:
     return node.inputs[1] if node.inputs[0] == value else node.inputs[0]
+
+
+# ---------------------------------------------------------------- attention
+def _fuse_attention(i, n, nodes, consts, shapes, producer, readers, graph_outs, sole_reader):
+    """The exported self-attention block around MatMul node i, as one kernels.attention step:
+
+        Q = Transpose(Reshape(q, [B, S, H, D]), [0, 2, 1, 3])      (K: perm [0, 2, 3, 1], V as Q)
+        Transpose(Softmax(Q @ K [* or / scalar] [+ mask]) @ V, [0, 2, 1, 3]) -> Reshape [B, S, H*D]
+
+    q, k, v are the projections' [B, S, H*D] outputs; the kernel reads heads from them in place.
+    The Shape/Gather/Unsqueeze/Concat nodes that only compute the reshapes' targets go with it.
+    Returns [(position, StepSrc, absorbed node indices)] or None.
+    """
+    if len(n.inputs) != 2 or any(x in consts for x in n.inputs):
+        return None
+
+    def only_reader(value, j):
+        return value not in graph_outs and readers.get(value) == [j]
+
+    def head_split(value, perm, reader):
+        """(x, H, D, node indices) when value = Transpose(Reshape(x, [B, S, H, D]), perm)."""
+        t = producer.get(value)
+        if t is None or nodes[t].op != "Transpose" or not only_reader(value, reader) \
+                or list(nodes[t].attrs.get("perm", ())) != list(perm):
+            return None
+        r = producer.get(nodes[t].inputs[0])
+        if r is None or nodes[r].op != "Reshape" or not only_reader(nodes[t].inputs[0], t) \
+                or nodes[r].attrs.get("allowzero", 0):
+            return None
+        x = nodes[r].inputs[0]
+        xs, target = shapes.get(x), _shape_value(nodes[r].inputs[1], consts, shapes, nodes, producer)
+        if not xs or len(xs) != 3 or not isinstance(xs[2], int) or not target or len(target) != 4:
+            return None
+        if any(t_ not in (0, x_) for t_, x_ in zip(target[:2], xs[:2])) or None in xs[:2]:
+            return None
+        h, d = target[2:]
+        if h == -1 and isinstance(d, int) and d > 0 and xs[2] % d == 0:
+            h = xs[2] // d
+        if d == -1 and isinstance(h, int) and h > 0 and xs[2] % h == 0:
+            d = xs[2] // h
+        if not (isinstance(h, int) and isinstance(d, int) and h > 0 and d > 0 and h * d == xs[2]):
+            return None
+        return x, h, d, [t, r]
+
+    q = head_split(n.inputs[0], (0, 2, 1, 3), i)
+    k = head_split(n.inputs[1], (0, 2, 3, 1), i)
+    if q is None or k is None or q[1:3] != k[1:3]:
+        return None
+    heads, hd = q[1], q[1] * q[2]
+    used = [i] + q[3] + k[3]
+    out, scale, mask = n.outputs[0], 1.0, None
+    j = sole_reader(out)
+    if j is not None and nodes[j].op in ("Mul", "Div"):
+        c = _scalar(consts, _other(nodes[j], out))
+        if c is not None and (nodes[j].op == "Mul" or nodes[j].inputs[0] == out) and c != 0:
+            scale = c if nodes[j].op == "Mul" else 1.0 / c
+            used.append(j)
+            out = nodes[j].outputs[0]
+            j = sole_reader(out)
+    if j is not None and nodes[j].op == "Add":
+        mask = _other(nodes[j], out)
+        used.append(j)
+        out = nodes[j].outputs[0]
+        j = sole_reader(out)
+    if j is None or nodes[j].op != "Softmax" or nodes[j].opset < 13 \
+            or nodes[j].attrs.get("axis", -1) not in (-1, 3):
+        return None
+    used.append(j)
+    out = nodes[j].outputs[0]
+    j = sole_reader(out)
+    if j is None or nodes[j].op != "MatMul" or nodes[j].inputs[0] != out:
+        return None
+    v = head_split(nodes[j].inputs[1], (0, 2, 1, 3), j)
+    if v is None or v[1:3] != q[1:3]:
+        return None
+    used += [j] + v[3]
+    out = nodes[j].outputs[0]
+    t = sole_reader(out)
+    if t is None or nodes[t].op != "Transpose" or list(nodes[t].attrs.get("perm", ())) != [0, 2, 1, 3]:
+        return None
+    r = sole_reader(nodes[t].outputs[0])
+    if r is None or nodes[r].op != "Reshape" or nodes[r].attrs.get("allowzero", 0):
+        return None
+    target = _shape_value(nodes[r].inputs[1], consts, shapes, nodes, producer)
+    qs = shapes.get(q[0])
+    if not target or len(target) != 3 or target[2] not in (hd, -1) \
+            or any(t_ not in (0, x_) for t_, x_ in zip(target[:2], qs[:2])):
+        return None
+    used += [t, r]
+    used += _dead_shape_nodes(used, nodes, producer, readers, graph_outs)
+    names = [nodes[u].name for u in sorted(used)]
+
+    def run(q, k, v, m=None):
+        return kernels.attention(q, k, v, heads, scale, m)
+    src = StepSrc(f"{n.name} (attention, {len(used)} nodes)", "Attention",
+                  [q[0], k[0], v[0]] + ([mask] if mask else []), [nodes[r].outputs[0]], run,
+                  native=True, sources=names)
+    return max(used), src, used
+
+
+def _shape_value(name, consts, shapes, nodes, producer):
+    """A 1-D shape tensor's entries (int, or a symbolic dim's name) when shape inference and
+    constants determine them, else None: follows Concat / Unsqueeze / Gather / Shape."""
+    if name in consts:
+        c = consts[name]
+        return tuple(int(x) for x in c.ravel()) if c.dtype.kind == "i" and c.ndim <= 1 else None
+    p = producer.get(name)
+    if p is None:
+        return None
+    nd = nodes[p]
+    if nd.op == "Shape":
+        dims = shapes.get(nd.inputs[0])
+        if dims is None:
+            return None
+        dims = dims[nd.attrs.get("start", 0):nd.attrs.get("end")]
+        return None if None in dims else tuple(dims)
+    if nd.op == "Unsqueeze":
+        got = _shape_value(nd.inputs[0], consts, shapes, nodes, producer)
+        return got if got is not None and len(got) == 1 else None
+    if nd.op == "Gather" and nd.attrs.get("axis", 0) == 0:
+        data = _shape_value(nd.inputs[0], consts, shapes, nodes, producer)
+        idx = consts.get(nd.inputs[1])
+        if data is None or idx is None or idx.size != 1 or idx.dtype.kind != "i":
+            return None
+        k = int(idx.reshape(()))
+        return (data[k],) if -len(data) <= k < len(data) else None
+    if nd.op == "Concat" and nd.attrs.get("axis") in (0, -1):
+        parts = [_shape_value(x, consts, shapes, nodes, producer) for x in nd.inputs]
+        return None if any(p_ is None for p_ in parts) else tuple(d for p_ in parts for d in p_)
+    return None
+
+
+def _dead_shape_nodes(used, nodes, producer, readers, graph_outs):
+    """The nodes that compute the absorbed Reshapes' targets and feed nothing else."""
+    gone = set(used)
+    todo = [producer.get(nodes[u].inputs[1]) for u in used if nodes[u].op == "Reshape"]
+    while todo:
+        p = todo.pop()
+        if p is None or p in gone:
+            continue
+        outs = [o for o in nodes[p].outputs if o]
+        if any(o in graph_outs or any(r not in gone for r in readers.get(o, [])) for o in outs):
+            continue
+        gone.add(p)
+        todo += [producer.get(x) for x in nodes[p].inputs]
+    return sorted(gone - set(used))
 
 
 # ---------------------------------------------------------------- buffer reuse

@@ -25,7 +25,8 @@ except ImportError as err:  # pragma: no cover - only without a build
 
 __all__ = [
     "PackedWeight", "gemm", "linear", "conv2d", "depthwise_conv2d", "max_pool2d", "avg_pool2d",
-    "global_avg_pool", "add_act", "softmax", "layer_norm", "batched_matmul", "retain_freed_memory",
+    "global_avg_pool", "add_act", "softmax", "layer_norm", "batched_matmul", "attention",
+    "retain_freed_memory",
     "set_num_threads",
     "get_num_threads", "isa", "sparse_wins",
 ]
@@ -348,6 +349,41 @@ def batched_matmul(a, x, out=None):
     m, k, n = a.shape[-2], a.shape[-1], x.shape[-1]
     batch = int(np.prod(a.shape[:-2]))
     _core.batched_matmul(a.reshape(batch, m, k), x.reshape(batch, k, n), y.reshape(batch, m, n))
+    return y
+
+
+def attention(q, k, v, heads, scale=1.0, mask=None, out=None):
+    """Scaled dot-product attention on token-major activations.
+
+    q is [B, Sq, H*D], k and v [B, Sk, H*D] (the Q/K/V projections' outputs, heads side by side);
+    returns [B, Sq, H*D] = softmax(scale * Q K^T + mask) V per head, heads side by side again.
+    ``mask`` broadcasts to [B, H, Sq, Sk] (e.g. BERT's padding mask [B, 1, 1, Sk]).
+    """
+    q = _f32(q, "attention query")
+    k = _f32(k, "attention key")
+    v = _f32(v, "attention value")
+    heads = int(heads)
+    if q.ndim != 3 or k.ndim != 3 or v.shape != k.shape or q.shape[0] != k.shape[0] \
+            or q.shape[2] != k.shape[2] or heads < 1 or q.shape[2] % heads:
+        raise InputError(f"attention needs q [B, Sq, H*D] and k, v [B, Sk, H*D] with H = {heads} "
+                         f"dividing the last axis, got {q.shape}, {k.shape}, {v.shape}")
+    b, sq, hd = q.shape
+    sk = k.shape[1]
+    y = _out(out, q.shape, "attention")
+    strides = (0, 0, 0)
+    if mask is not None:
+        m = _f32(mask, "attention mask")
+        full = (b, heads, sq, sk)
+        if m.ndim > 4 or not _broadcastable(m.shape, full):
+            raise InputError(f"attention mask has shape {m.shape}, which does not broadcast to "
+                             f"[B, H, Sq, Sk] = {list(full)}")
+        m = m.reshape((1,) * (4 - m.ndim) + m.shape)
+        if m.shape[3] != sk:
+            m = np.ascontiguousarray(np.broadcast_to(m, m.shape[:3] + (sk,)))
+        # the kernel walks the mask by element strides; a broadcast axis has stride 0
+        strides = tuple(0 if m.shape[i] == 1 else m.strides[i] // 4 for i in range(3))
+        mask = m
+    _core.attention(q, k, v, heads, float(scale), mask, *strides, y)
     return y
 
 

@@ -249,6 +249,26 @@ def batched_matmul(a, x, out=None):
     return y
 
 
+def attention(q, k, v, heads, scale=1.0, mask=None, out=None):
+    """softmax(scale * Q K^T + mask) V per head for q [B, Sq, H*D], k and v [B, Sk, H*D]."""
+    b, sq, hd = q.shape
+    d = hd // heads
+
+    def split(x):
+        return np.asarray(x, np.float64).reshape(b, x.shape[1], heads, d).transpose(0, 2, 1, 3)
+
+    s = split(q) @ split(k).transpose(0, 1, 3, 2) * scale
+    if mask is not None:
+        s = s + np.asarray(mask, np.float64)
+    s = np.exp(s - s.max(axis=-1, keepdims=True))
+    s /= s.sum(axis=-1, keepdims=True)
+    y = (s @ split(v)).transpose(0, 2, 1, 3).reshape(b, sq, hd).astype(np.float32)
+    if out is not None:
+        out[...] = y
+        return out
+    return y
+
+
 def retain_freed_memory() -> bool:
     """No allocator to tune for NumPy's twins."""
     return False

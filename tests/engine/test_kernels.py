@@ -311,6 +311,43 @@ def test_batched_matmul(isa, shape):
     close(kernels.batched_matmul(a, b), reference.batched_matmul(a, b), scale=scale)
 
 
+@pytest.mark.parametrize("b,sq,sk,heads,d,mask", [
+    (1, 128, 128, 12, 64, (1, 1, 1, 128)),   # BERT-base
+    (2, 5, 7, 3, 5, (2, 1, 1, 7)),           # head width below the vector width
+    (1, 1, 1, 1, 1, None),                   # one element
+    (2, 17, 33, 2, 20, (2, 2, 17, 33)),      # a mask per head and query
+    (3, 9, 9, 4, 16, (9, 1)),                # a mask column broadcast along keys
+    (1, 40, 3, 2, 17, (3,)),
+])
+def test_attention(isa, b, sq, sk, heads, d, mask):
+    rng = np.random.default_rng(sq * sk + d)
+    q = rng.standard_normal((b, sq, heads * d)).astype(np.float32)
+    k = rng.standard_normal((b, sk, heads * d)).astype(np.float32)
+    v = rng.standard_normal((b, sk, heads * d)).astype(np.float32)
+    m = None if mask is None else (3 * rng.standard_normal(mask)).astype(np.float32)
+    scale = 1 / np.sqrt(d)
+    close(kernels.attention(q, k, v, heads, scale, m), reference.attention(q, k, v, heads, scale, m),
+          scale=float(np.abs(v).max()))
+
+
+def test_attention_edges_and_misuse():
+    q = np.ones((1, 3, 8), np.float32)
+    # no keys: an empty sum
+    got = kernels.attention(q, np.ones((1, 0, 8), np.float32), np.ones((1, 0, 8), np.float32), 2)
+    np.testing.assert_array_equal(got, np.zeros((1, 3, 8), np.float32))
+    # a fully masked key gets no weight
+    k = np.random.default_rng(0).standard_normal((1, 4, 8)).astype(np.float32)
+    v = np.arange(32, dtype=np.float32).reshape(1, 4, 8)
+    mask = np.array([0, 0, 0, -np.inf], np.float32)
+    close(kernels.attention(q, k, v, 2, 0.5, mask), reference.attention(q[:, :, :], k[:, :3], v[:, :3], 2, 0.5))
+    with pytest.raises(InputError, match="H = 3"):
+        kernels.attention(q, k, v, 3)
+    with pytest.raises(InputError, match="does not broadcast"):
+        kernels.attention(q, k, v, 2, mask=np.zeros((1, 2, 3, 5), np.float32))
+    with pytest.raises(InputError):
+        kernels.attention(q, k, v[:, :3], 2)
+
+
 def test_row_kernels_and_batched_matmul_misuse():
     with pytest.raises(InputError, match="same leading"):
         kernels.batched_matmul(np.ones((2, 3, 4), np.float32), np.ones((3, 4, 5), np.float32))

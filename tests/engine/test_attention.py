@@ -1,0 +1,111 @@
+"""Self-attention blocks as exporters write them become one ``kernels.attention`` step.
+
+Hand-built graphs in the torch exporter's form (head split by Reshape + Transpose, the Reshape
+targets computed from Shape at run time because the batch is symbolic), with the variants the
+matcher accepts and some it must leave alone; every one is checked against onnxruntime.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from sparsify.engine import Engine
+
+HEADS, D, S = 4, 8, 10
+HD = HEADS * D
+
+
+def _i64(*v):
+    return np.array(v, np.int64)
+
+
+def attention_model(scale_op="Div", mask=True, static_shapes=False, k_perm=(0, 2, 3, 1),
+                    scores_out=False):
+    rng = np.random.default_rng(0)
+    inits = {"i0": np.array(0, np.int64), "i1": np.array(1, np.int64), "ax0": _i64(0),
+             "h": _i64(HEADS), "d": _i64(D), "hd": _i64(HD), "c": np.array(np.sqrt(D), np.float32),
+             "ci": np.array(1 / np.sqrt(D), np.float32), "ax12": _i64(1, 2),
+             "shp4": _i64(0, 0, HEADS, D), "shp3": _i64(0, 0, -1)}
+    shape_nodes = [helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Gather", ["s", "i0"], ["b"], axis=0),
+             helper.make_node("Gather", ["s", "i1"], ["t"], axis=0),
+             helper.make_node("Unsqueeze", ["b", "ax0"], ["b1"]),
+             helper.make_node("Unsqueeze", ["t", "ax0"], ["t1"]),
+             helper.make_node("Concat", ["b1", "t1", "h", "d"], ["dyn4"], axis=0),
+             helper.make_node("Concat", ["b1", "t1", "hd"], ["dyn3"], axis=0)]
+    nodes = [] if static_shapes else shape_nodes
+    shp4, shp3 = ("shp4", "shp3") if static_shapes else ("dyn4", "dyn3")
+    for name, perm in (("q", (0, 2, 1, 3)), ("k", k_perm), ("v", (0, 2, 1, 3))):
+        inits["w" + name] = (rng.standard_normal((HD, HD)) / np.sqrt(HD)).astype(np.float32)
+        inits["b" + name] = rng.standard_normal(HD).astype(np.float32)
+        nodes += [helper.make_node("MatMul", ["x", "w" + name], [name + "m"]),
+                  helper.make_node("Add", ["b" + name, name + "m"], [name + "a"]),
+                  helper.make_node("Reshape", [name + "a", shp4], [name + "r"]),
+                  helper.make_node("Transpose", [name + "r"], [name + "t"], perm=list(perm))]
+    kt = "kt"
+    if tuple(k_perm) == (0, 2, 1, 3):  # K^T by a second Transpose: left unfused
+        nodes.append(helper.make_node("Transpose", ["kt"], ["ktt"], perm=[0, 1, 3, 2]))
+        kt = "ktt"
+    nodes.append(helper.make_node("MatMul", ["qt", kt], ["sc"]))
+    x = "sc"
+    if scale_op:
+        nodes.append(helper.make_node(scale_op, [x, "c" if scale_op == "Div" else "ci"], ["scaled"]))
+        x = "scaled"
+    if mask:
+        nodes += [helper.make_node("Unsqueeze", ["m", "ax12"], ["m4"]),
+                  helper.make_node("Add", [x, "m4"], ["masked"])]
+        x = "masked"
+    nodes += [helper.make_node("Softmax", [x], ["p"], axis=-1),
+              helper.make_node("MatMul", ["p", "vt"], ["ctx"]),
+              helper.make_node("Transpose", ["ctx"], ["ctxt"], perm=[0, 2, 1, 3]),
+              helper.make_node("Reshape", ["ctxt", shp3], ["y"])]
+    outs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", S, HD])]
+    if scores_out:
+        outs.append(helper.make_tensor_value_info("sc", TensorProto.FLOAT, None))
+    ins = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", S, HD])]
+    if mask:
+        ins.append(helper.make_tensor_value_info("m", TensorProto.FLOAT, ["batch", S]))
+    graph = helper.make_graph(nodes, "attention", ins, outs,
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _feeds(batch):
+    rng = np.random.default_rng(batch)
+    m = np.where(rng.random((batch, S)) < 0.3, -10000.0, 0.0).astype(np.float32)
+    return {"x": rng.standard_normal((batch, S, HD)).astype(np.float32), "m": m}
+
+
+@pytest.mark.parametrize("scale_op", ["Div", "Mul", None])
+@pytest.mark.parametrize("mask", [True, False])
+@pytest.mark.parametrize("static_shapes", [False, True])
+def test_attention_block_becomes_one_step(scale_op, mask, static_shapes, onnx_check):
+    model = attention_model(scale_op, mask, static_shapes)
+    engine = Engine(model)
+    ops = [s.op for s in engine.plan.steps]
+    assert ops.count("Attention") == 1, ops
+    # the three projections and the attention step: the shape arithmetic is gone
+    assert sorted(ops) == sorted(["MatMul+Add"] * 3 + ["Attention"] + (["Unsqueeze"] if mask else [])), ops
+    for batch in (1, 3):
+        feeds = _feeds(batch)
+        if not mask:
+            feeds.pop("m")
+        onnx_check.assert_same(engine.run(feeds), onnx_check.ort_run(model, feeds), 1e-4)
+
+
+def test_attention_is_not_fused_when_scores_are_read_elsewhere(onnx_check):
+    model = attention_model(scores_out=True)
+    engine = Engine(model)
+    assert "Attention" not in [s.op for s in engine.plan.steps]
+    feeds = _feeds(2)
+    onnx_check.assert_same(engine.run(feeds), onnx_check.ort_run(model, feeds), 1e-4)
+
+
+def test_attention_with_another_key_layout_is_left_to_the_single_ops(onnx_check):
+    model = attention_model(k_perm=(0, 2, 1, 3))
+    engine = Engine(model)
+    assert "Attention" not in [s.op for s in engine.plan.steps]
+    feeds = _feeds(2)
+    onnx_check.assert_same(engine.run(feeds), onnx_check.ort_run(model, feeds), 1e-4)

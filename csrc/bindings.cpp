@@ -171,6 +171,29 @@ NB_MODULE(_core, mod) {
   }, nb::arg("w"), nb::arg("x"), nb::arg("bias").none(), nb::arg("act"), nb::arg("lo"), nb::arg("hi"),
      nb::arg("residual").none(), nb::arg("out"));
 
+  mod.def("linear_chain", [](nb::handle w1h, OptIn bias1, int act1, float lo1, float hi1,
+                             nb::handle w2h, OptIn bias2, int act2, float lo2, float hi2, In x,
+                             OptIn res, Out y) {
+    SparseWeight* s1; DenseWeight* d1; int64_t m1, k1;
+    SparseWeight* s2; DenseWeight* d2; int64_t m2, k2;
+    weight_dims(w1h, s1, d1, m1, k1);
+    weight_dims(w2h, s2, d2, m2, k2);
+    expect(k2 == m1, "linear_chain: the second weight must take the first one's " + std::to_string(m1) + " outputs");
+    expect(x.ndim() == 2 && (int64_t)x.shape(1) == k1, "linear_chain: x must be [T, K] with K = " + std::to_string(k1) + ", got " + shape_of(x));
+    const int64_t t = (int64_t)x.shape(0);
+    check_out(y, {t, m2}, "linear_chain");
+    const ActArgs a1 = act_args(act1, lo1, hi1), a2 = act_args(act2, lo2, hi2);
+    const float* b1 = vec_or_null(bias1, m1, "linear_chain first bias");
+    const float* b2 = vec_or_null(bias2, m2, "linear_chain second bias");
+    const float* r = same_or_null(res, t * m2, "linear_chain residual");
+    const WeightRef w1 = bind_weight(s1, d1, {}), w2 = bind_weight(s2, d2, {});
+    nb::gil_scoped_release nogil;
+    run_linear_chain(w1, m1, k1, b1, a1.act, a1.lo, a1.hi, w2, m2, b2, a2.act, a2.lo, a2.hi,
+                     x.data(), t, r, y.data());
+  }, nb::arg("w1"), nb::arg("bias1").none(), nb::arg("act1"), nb::arg("lo1"), nb::arg("hi1"),
+     nb::arg("w2"), nb::arg("bias2").none(), nb::arg("act2"), nb::arg("lo2"), nb::arg("hi2"),
+     nb::arg("x"), nb::arg("residual").none(), nb::arg("out"));
+
   mod.def("conv2d", [](nb::handle wh, In x, int kh, int kw, int sh, int sw_, int pt, int pl, int pb,
                        int pr, int dh, int dw_, int group, OptIn bias, int act, float lo, float hi,
                        OptIn res, Out y) {

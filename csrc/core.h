@@ -95,6 +95,14 @@ void run_linear(const WeightRef& w, int64_t M, int64_t K, const float* x, const 
                 int64_t t, const float* bias, const float* res, int act, float lo, float hi,
                 float* y);
 
+// y = act2(act1(X W1^T + bias1) W2^T + bias2 + res) for X [T, K1]: two linear layers whose
+// hidden [T, M1] activation nothing else reads (a transformer's feed-forward block). The hidden
+// activation stays feature-major between them, skipping two whole-matrix transposes.
+void run_linear_chain(const WeightRef& w1, int64_t M1, int64_t K1, const float* bias1, int act1,
+                      float lo1, float hi1, const WeightRef& w2, int64_t M2, const float* bias2,
+                      int act2, float lo2, float hi2, const float* x, int64_t T,
+                      const float* res, float* y);
+
 struct ConvShape {
   int64_t n, c, h, w, m, oh, ow;
   int kh, kw, sh, sw, pt, pl, pb, pr, dh, dw, group;

@@ -18,7 +18,7 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // Work below this many multiply-adds runs on the calling thread: waking a worker costs more.
 constexpr int64_t kSerialWork = 32 * 1024;
 
-thread_local FloatBuf t_yt, t_xt, t_apanels, t_att_q, t_att_kt, t_att_s, t_att_p;
+thread_local FloatBuf t_yt, t_xt, t_h, t_apanels, t_att_q, t_att_kt, t_att_s, t_att_p;
 
 // dst[c][r] = src[r][c] for a rows x cols block; the fixed 16 x 16 case unrolls to straight loads
 // and stores (a general strided loop with bounds checks ran at ~2.5 ns per element).
@@ -112,33 +112,61 @@ void pack_rows_scaled(const float* a, int64_t lda, int64_t m, int64_t k, float s
 
 }  // namespace
 
+namespace {
+
+// X [T, K] as the kernels want it, feature-major [K, T]. Threads that split a layer's rows each
+// pack the same X tiles, and packing from the token-major source is a scalar gather per element
+// (8 chunks x all of X at 2 threads), so it is transposed once here and every chunk copies whole
+// vectors. One token is the same memory either way.
+const float* feature_major(const float* x, int64_t T, int64_t K) {
+  if (T == 1) return x;
+  float* xt = t_xt.get(K * T);
+  transpose_out(x, T, K, nullptr, kActNone, 0.f, 0.f, xt);
+  return xt;
+}
+
+// yt [M, T] = W xfm for xfm feature-major [K, T], epilogue applied.
+void gemm_feature_major(const WeightRef& w, int64_t M, int64_t K, const float* xfm, int64_t T,
+                        const Epilogue& ep, float* yt) {
+  std::vector<int64_t> koff(K);
+  for (int64_t k = 0; k < K; ++k) koff[k] = k * T;
+  if (w.sparse) sparse_gemm_rows(w, 0, M, xfm, koff.data(), 1, T, yt, T, ep);
+  else dense_gemm_threaded(w.dense_panels, M, K, xfm, koff.data(), 1, T, yt, T, ep);
+}
+
+Epilogue bias_act(const float* bias, int act, float lo, float hi) {
+  Epilogue ep;
+  ep.bias = bias;
+  ep.act = act;
+  ep.lo = lo;
+  ep.hi = hi;
+  return ep;
+}
+
+}  // namespace
+
 void run_linear(const WeightRef& w, int64_t M, int64_t K, const float* x, const int64_t* koff,
                 int64_t T, const float* bias, const float* res, int act, float lo, float hi,
                 float* y) {
   if (M <= 0 || T <= 0) return;
-  // X arrives as [T, K]. Threads that split the rows each pack the same X tiles, and packing
-  // from the transposed source is a scalar gather per element (8 chunks x all of X at 2
-  // threads), so transpose X to [K, T] once here and let every chunk copy whole vectors.
-  std::vector<int64_t> koff_t;
-  if (T > 1) {
-    float* xt = t_xt.get(K * T);
-    transpose_out(x, T, K, nullptr, kActNone, 0.f, 0.f, xt);
-    koff_t.resize(K);
-    for (int64_t k = 0; k < K; ++k) koff_t[k] = k * T;
-    x = xt;
-    koff = koff_t.data();
-  }
-  const int64_t cs = T > 1 ? 1 : K;
   float* yt = t_yt.get(M * T);
-  Epilogue ep;
-  ep.bias = bias;
   // with a residual the activation must wait until the transposed residual is added
-  ep.act = res ? kActNone : act;
-  ep.lo = lo;
-  ep.hi = hi;
-  if (w.sparse) sparse_gemm_rows(w, 0, M, x, koff, cs, T, yt, T, ep);
-  else dense_gemm_threaded(w.dense_panels, M, K, x, koff, cs, T, yt, T, ep);
+  gemm_feature_major(w, M, K, feature_major(x, T, K), T,
+                     bias_act(bias, res ? kActNone : act, lo, hi), yt);
   transpose_out(yt, M, T, res, res ? act : kActNone, lo, hi, y);
+}
+
+void run_linear_chain(const WeightRef& w1, int64_t M1, int64_t K1, const float* bias1, int act1,
+                      float lo1, float hi1, const WeightRef& w2, int64_t M2, const float* bias2,
+                      int act2, float lo2, float hi2, const float* x, int64_t T,
+                      const float* res, float* y) {
+  if (M2 <= 0 || T <= 0) return;
+  // the hidden activation is already feature-major, the layout the second layer reads
+  float* h = t_h.get(M1 * T);
+  gemm_feature_major(w1, M1, K1, feature_major(x, T, K1), T, bias_act(bias1, act1, lo1, hi1), h);
+  float* yt = t_yt.get(M2 * T);
+  gemm_feature_major(w2, M2, M1, h, T, bias_act(bias2, res ? kActNone : act2, lo2, hi2), yt);
+  transpose_out(yt, M2, T, res, res ? act2 : kActNone, lo2, hi2, y);
 }
 
 // The left operand changes every call, so it is packed into panels per batch item here (a

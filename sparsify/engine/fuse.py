@@ -55,6 +55,7 @@ class StepSrc:
     multi: bool = False
     native: bool = False
     sources: list = field(default_factory=list)  # names of the graph nodes this step executes
+    linear: tuple | None = None  # a linear layer's (packed weight, bias, act, residual?, guarded?)
 
 
 def bind(op_type: str, attrs: dict, n_inputs: int, n_outputs: int, opset: int):
@@ -140,7 +141,7 @@ def fuse(nodes: list, consts: dict, shapes: dict, graph_outs: set, kind: str):
                                   multi=n.op in MULTI_OUTPUT and len(n.outputs) > 1,
                                   native=ops.runs_native(n.op, n.attrs, n.opset), sources=[n.name])))
     placed.sort(key=lambda p: p[0])  # stable: a fused step lands where its last node stood
-    steps = [s for _, s in placed]
+    steps = chain_linears([s for _, s in placed], graph_outs)
     reuse_buffers(steps, shapes, graph_outs)
     return steps, layers
 
@@ -331,6 +332,42 @@ def _dead_shape_nodes(used, nodes, producer, readers, graph_outs):
         gone.add(p)
         todo += [producer.get(x) for x in nodes[p].inputs]
     return sorted(gone - set(used))
+
+
+# ---------------------------------------------------------------- linear chains
+def chain_linears(steps: list, graph_outs: set) -> list:
+    """A linear step whose output only the next linear layer reads (a transformer's fc1 -> fc2)
+    joins it in one ``kernels.linear_chain`` step: the hidden activation then never leaves the
+    core, which keeps it in the layout the second layer reads (two whole-matrix transposes
+    fewer). The joint step runs where the second one stood."""
+    readers: dict[str, list[int]] = {}
+    for k, s in enumerate(steps):
+        for x in s.inputs:
+            readers.setdefault(x, []).append(k)
+    out = list(steps)
+    for k, a in enumerate(steps):
+        if a.linear is None or a.linear[3]:
+            continue
+        hidden = a.outputs[0]
+        r = readers.get(hidden, [])
+        if hidden in graph_outs or len(r) != 1:
+            continue
+        b = out[r[0]]
+        if b.linear is None or b.linear[4] or b.inputs[0] != hidden or hidden in b.inputs[1:]:
+            continue
+        out[k] = None
+        out[r[0]] = StepSrc(f"{a.name}>{b.name}", f"{a.op}>{b.op}", [a.inputs[0]] + b.inputs[1:],
+                            b.outputs, _chain_fn(a.linear, b.linear), native=True,
+                            sources=a.sources + b.sources)
+    return [s for s in out if s is not None]
+
+
+def _chain_fn(first, second):
+    pw1, bias1, act1 = first[:3]
+    pw2, bias2, act2, has_residual = second[:4]
+    if has_residual:
+        return lambda x, r: kernels.linear_chain(pw1, pw2, x, bias1, act1, bias2, act2, residual=r)
+    return lambda x: kernels.linear_chain(pw1, pw2, x, bias1, act1, bias2, act2)
 
 
 # ---------------------------------------------------------------- buffer reuse
@@ -529,6 +566,8 @@ def _fuse_compute(i, n, nodes, consts, shapes, sole_reader, all_readers, kind, l
     inputs = [n.inputs[0]] + ([residual] if residual else []) + extra_in
     src = StepSrc(n.name if len(used) == 1 else "+".join(sources), "+".join(nodes[k].op for k in used),
                   inputs, [out], fn, native=True, sources=sources)
+    if not conv:
+        src.linear = (pw, bias, act, residual is not None, guarded)
     return [(max(used), src, used)]
 
 

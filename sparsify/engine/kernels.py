@@ -24,7 +24,7 @@ except ImportError as err:  # pragma: no cover - only without a build
     ) from err
 
 __all__ = [
-    "PackedWeight", "gemm", "linear", "conv2d", "depthwise_conv2d", "max_pool2d", "avg_pool2d",
+    "PackedWeight", "gemm", "linear", "linear_chain", "conv2d", "depthwise_conv2d", "max_pool2d", "avg_pool2d",
     "global_avg_pool", "add_act", "softmax", "layer_norm", "batched_matmul", "attention",
     "retain_freed_memory",
     "set_num_threads",
@@ -188,6 +188,32 @@ def linear(pw, x, bias=None, act="none", out=None, *, residual=None):
     res = _same(residual, shape, "linear residual")
     _core.linear(pw._h, x.reshape(-1, k), _vec(bias, m, "linear bias"), code, lo, hi,
                  None if res is None else res.reshape(-1, m), y.reshape(-1, m))
+    return y
+
+
+def linear_chain(pw1, pw2, x, bias1=None, act1="none", bias2=None, act2="none", out=None, *,
+                 residual=None):
+    """``linear(linear(x, pw1, bias1, act1), pw2, bias2, act2, residual=residual)`` in one call:
+    the hidden activation stays inside the core in the layout the second layer reads."""
+    _check_pw(pw1)
+    _check_pw(pw2)
+    (m1, k1), (m2, k2) = pw1.shape, pw2.shape
+    if k2 != m1:
+        raise InputError(f"linear_chain: weight {pw2.shape} cannot take the {m1} outputs of "
+                         f"weight {pw1.shape}")
+    x = _f32(x, "linear_chain input")
+    if x.ndim < 1 or x.shape[-1] != k1:
+        raise InputError(f"linear_chain input has shape {x.shape}, expected [..., {k1}] "
+                         f"for weight {pw1.shape}")
+    shape = x.shape[:-1] + (m2,)
+    c1, lo1, hi1 = _act(act1)
+    c2, lo2, hi2 = _act(act2)
+    y = _out(out, shape, "linear_chain")
+    res = _same(residual, shape, "linear_chain residual")
+    _core.linear_chain(pw1._h, _vec(bias1, m1, "linear_chain first bias"), c1, lo1, hi1,
+                       pw2._h, _vec(bias2, m2, "linear_chain second bias"), c2, lo2, hi2,
+                       x.reshape(-1, k1), None if res is None else res.reshape(-1, m2),
+                       y.reshape(-1, m2))
     return y
 
 

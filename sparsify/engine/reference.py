@@ -103,6 +103,13 @@ def linear(pw, x, bias=None, act="none", out=None, *, residual=None):
     return y
 
 
+def linear_chain(pw1, pw2, x, bias1=None, act1="none", bias2=None, act2="none", out=None, *,
+                 residual=None):
+    """Two linear layers: ``linear(linear(x, pw1, bias1, act1), pw2, bias2, act2, residual)``."""
+    h = linear(pw1, x, bias1, act1)
+    return linear(pw2, h, bias2, act2, out, residual=residual)
+
+
 def _patches(x, kernel_shape, strides, pads, dilations, pad_value=0.0, ceil_mode=0):
     """x [N, C, H, W] -> windows [N, C, kh, kw, OH, OW] (padding filled with pad_value)."""
     n, c, h, w = x.shape

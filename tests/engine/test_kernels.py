@@ -121,6 +121,28 @@ def test_linear_batched_leading_dims(isa):
     close(kernels.linear(pw, x), reference.linear(w, x))
 
 
+@pytest.mark.parametrize("kinds", [("sparse", "sparse"), ("dense", "sparse"), ("sparse", "dense")])
+@pytest.mark.parametrize("t,k,h,m", [(1, 1, 1, 1), (128, 96, 300, 80), (7, 50, 33, 17),
+                                     (1, 77, 40, 9), (3, 20, 1, 5)])
+def test_linear_chain(isa, kinds, t, k, h, m):
+    rng = np.random.default_rng(t + k + h + m)
+    w1 = sparse_matrix(rng, h, k, 0.8, empty_rows=1 if h > 1 else 0)
+    w2 = sparse_matrix(rng, m, h, 0.8)
+    x = rng.standard_normal((2, t, k)).astype(np.float32)
+    b1, b2 = rng.standard_normal(h).astype(np.float32), rng.standard_normal(m).astype(np.float32)
+    res = rng.standard_normal((2, t, m)).astype(np.float32)
+    p1, p2 = kernels.PackedWeight.pack(w1, kinds[0]), kernels.PackedWeight.pack(w2, kinds[1])
+    for act1, act2 in (("gelu", "none"), ("relu", ("clip", -0.5, 0.75)), ("none", "gelu")):
+        want = reference.linear_chain(w1, w2, x, b1, act1, b2, act2)
+        close(kernels.linear_chain(p1, p2, x, b1, act1, b2, act2), want,
+              scale=float(np.abs(want).max()) + 1)
+        want = reference.linear_chain(w1, w2, x, b1, act1, b2, act2, residual=res)
+        close(kernels.linear_chain(p1, p2, x, b1, act1, b2, act2, residual=res), want,
+              scale=float(np.abs(want).max()) + 1)
+    with pytest.raises(InputError, match="cannot take"):
+        kernels.linear_chain(p1, kernels.PackedWeight.pack(np.ones((2, h + 1), np.float32)), x)
+
+
 CONV_CASES = [  # (N, C, H, W, M, kernel, strides, pads, dilations, group)
     (1, 8, 9, 11, 16, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1),
     (2, 6, 10, 7, 4, (3, 2), (2, 1), (0, 1, 2, 0), (2, 1), 2),

@@ -1,4 +1,5 @@
-"""Self-attention blocks as exporters write them become one ``kernels.attention`` step.
+"""Transformer blocks as exporters write them become few kernel calls: self-attention one
+``kernels.attention`` step, a feed-forward block one ``kernels.linear_chain`` step.
 
 Hand-built graphs in the torch exporter's form (head split by Reshape + Transpose, the Reshape
 targets computed from Shape at run time because the batch is symbolic), with the variants the
@@ -108,4 +109,36 @@ def test_attention_with_another_key_layout_is_left_to_the_single_ops(onnx_check)
     engine = Engine(model)
     assert "Attention" not in [s.op for s in engine.plan.steps]
     feeds = _feeds(2)
+    onnx_check.assert_same(engine.run(feeds), onnx_check.ort_run(model, feeds), 1e-4)
+
+
+def ffn_model(hidden_out=False):
+    rng = np.random.default_rng(1)
+    w1 = (rng.standard_normal((HD, 3 * HD)) * (rng.random((HD, 3 * HD)) > 0.8)).astype(np.float32)
+    w2 = (rng.standard_normal((3 * HD, HD)) * (rng.random((3 * HD, HD)) > 0.8)).astype(np.float32)
+    inits = {"w1": w1, "b1": rng.standard_normal(3 * HD).astype(np.float32), "w2": w2,
+             "b2": rng.standard_normal(HD).astype(np.float32)}
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]),
+             helper.make_node("Add", ["h", "b1"], ["hb"]),
+             helper.make_node("Relu", ["hb"], ["a"]),
+             helper.make_node("MatMul", ["a", "w2"], ["o"]),
+             helper.make_node("Add", ["b2", "o"], ["ob"]),
+             helper.make_node("Add", ["x", "ob"], ["y"])]
+    outs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", S, HD])]
+    if hidden_out:
+        outs.append(helper.make_tensor_value_info("a", TensorProto.FLOAT, ["batch", S, 3 * HD]))
+    graph = helper.make_graph(nodes, "ffn", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, ["batch", S, HD])], outs,
+        [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("hidden_out", [False, True])
+def test_feed_forward_block_becomes_one_linear_chain(hidden_out, onnx_check):
+    model = ffn_model(hidden_out)
+    engine = Engine(model)
+    ops = [s.op for s in engine.plan.steps]
+    assert ops == (["MatMul+Add+Relu", "MatMul+Add+Add"] if hidden_out
+                   else ["MatMul+Add+Relu>MatMul+Add+Add"]), ops
+    feeds = {"x": np.random.default_rng(2).standard_normal((2, S, HD)).astype(np.float32)}
     onnx_check.assert_same(engine.run(feeds), onnx_check.ort_run(model, feeds), 1e-4)

@@ -18,7 +18,7 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // Work below this many multiply-adds runs on the calling thread: waking a worker costs more.
 constexpr int64_t kSerialWork = 32 * 1024;
 
-thread_local FloatBuf t_yt, t_xt, t_h, t_apanels, t_att_q, t_att_kt, t_att_s, t_att_p;
+thread_local FloatBuf t_yt, t_xt, t_h, t_qkv, t_ctx, t_att_pt, t_apanels, t_att_q, t_att_kt, t_att_s, t_att_p;
 
 // dst[c][r] = src[r][c] for a rows x cols block; the fixed 16 x 16 case unrolls to straight loads
 // and stores (a general strided loop with bounds checks ran at ~2.5 ns per element).
@@ -243,6 +243,76 @@ void run_attention(const float* q, const float* k, const float* v, const Attenti
   } else {
     parallel_for(items, head);
   }
+}
+
+namespace {
+
+// One head of attention on feature-major Q, K, V ([H * D, T] each, token b * S + s in column
+// b * S + s), writing the context feature-major too: out^T = V^T P^T, so the output projection
+// reads it as is. The scores are token-major like run_attention's; P is transposed in L2.
+void attention_head_fm(const float* qfm, const float* kfm, const float* vfm, int64_t T,
+                       int64_t S, int64_t D, int64_t b, int64_t h, float scale, const float* mask,
+                       int64_t ld_mask, const int64_t* koff_k, const int64_t* koff_p,
+                       float* ctx) {
+  const KernelTable& kt = kernels();
+  const int64_t panels = ceil_div(S, kGemmMR), col0 = b * S, row0 = h * D;
+  float* qp = t_att_q.get(panels * kGemmMR * D);
+  float* sc = t_att_s.get(S * S);
+  float* pt = t_att_pt.get(S * S);
+  float* vp = t_att_p.get(ceil_div(D, kGemmMR) * kGemmMR * S);
+  // Q's rows are tokens: each panel takes kGemmMR consecutive tokens of one feature row
+  for (int64_t p = 0; p < panels; ++p) {
+    const int64_t rows = std::min<int64_t>(kGemmMR, S - p * kGemmMR);
+    for (int64_t d = 0; d < D; ++d) {
+      const float* src = qfm + (row0 + d) * T + col0 + p * kGemmMR;
+      float* dst = qp + (p * D + d) * kGemmMR;
+      for (int64_t r = 0; r < rows; ++r) dst[r] = scale * src[r];
+      for (int64_t r = rows; r < kGemmMR; ++r) dst[r] = 0.f;
+    }
+  }
+  Epilogue ep;
+  ep.res = mask;
+  ep.ld_res = ld_mask;
+  dense_gemm_serial(qp, S, D, kfm + col0, koff_k + row0, 1, 0, S, sc, S, ep);
+  for (int64_t i = 0; i < S; ++i) kt.softmax_row(sc + i * S, S, sc + i * S);
+  transpose_serial(sc, S, S, S, pt, S);
+  pack_rows_scaled(vfm + row0 * T + col0, T, D, S, 1.f, vp);
+  dense_gemm_serial(vp, D, S, pt, koff_p, 1, 0, S, ctx + row0 * T + col0, T, Epilogue());
+}
+
+}  // namespace
+
+void run_attention_block(const float* x, int64_t B, int64_t S, int64_t K, const WeightRef* wqkv,
+                         const float* const* bqkv, int64_t H, int64_t D, float scale,
+                         const float* mask, int64_t msb, int64_t msh, int64_t msr,
+                         const WeightRef& wo, int64_t M, const float* bo, const float* res,
+                         int act, float lo, float hi, float* y) {
+  const int64_t T = B * S, HD = H * D;
+  if (T <= 0 || M <= 0) return;
+  const float* xfm = feature_major(x, T, K);
+  float* qkv = t_qkv.get(3 * HD * T);
+  for (int i = 0; i < 3; ++i)
+    gemm_feature_major(wqkv[i], HD, K, xfm, T, bias_act(bqkv[i], kActNone, 0.f, 0.f),
+                       qkv + i * HD * T);
+  float* ctx = t_ctx.get(HD * T);
+  std::vector<int64_t> koff_k(HD), koff_p(S);
+  for (int64_t r = 0; r < HD; ++r) koff_k[r] = r * T;
+  for (int64_t t = 0; t < S; ++t) koff_p[t] = t * S;
+  auto head = [&](int64_t item) {
+    const int64_t b = item / H, h = item % H;
+    attention_head_fm(qkv, qkv + HD * T, qkv + 2 * HD * T, T, S, D, b, h, scale,
+                      mask ? mask + b * msb + h * msh : nullptr, msr, koff_k.data(),
+                      koff_p.data(), ctx);
+  };
+  const int64_t items = B * H;
+  if (num_threads() <= 1 || items * S * S * D < kSerialWork) {
+    for (int64_t i = 0; i < items; ++i) head(i);
+  } else {
+    parallel_for(items, head);
+  }
+  float* yt = t_yt.get(M * T);
+  gemm_feature_major(wo, M, HD, ctx, T, bias_act(bo, res ? kActNone : act, lo, hi), yt);
+  transpose_out(yt, M, T, res, res ? act : kActNone, lo, hi, y);
 }
 
 }  // namespace sparsify

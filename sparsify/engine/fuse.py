@@ -56,6 +56,7 @@ class StepSrc:
     native: bool = False
     sources: list = field(default_factory=list)  # names of the graph nodes this step executes
     linear: tuple | None = None  # a linear layer's (packed weight, bias, act, residual?, guarded?)
+    attention: tuple | None = None  # an attention step's (heads, scale)
 
 
 def bind(op_type: str, attrs: dict, n_inputs: int, n_outputs: int, opset: int):
@@ -141,7 +142,7 @@ def fuse(nodes: list, consts: dict, shapes: dict, graph_outs: set, kind: str):
                                   multi=n.op in MULTI_OUTPUT and len(n.outputs) > 1,
                                   native=ops.runs_native(n.op, n.attrs, n.opset), sources=[n.name])))
     placed.sort(key=lambda p: p[0])  # stable: a fused step lands where its last node stood
-    steps = chain_linears([s for _, s in placed], graph_outs)
+    steps = chain_linears(attention_blocks([s for _, s in placed], graph_outs), graph_outs)
     reuse_buffers(steps, shapes, graph_outs)
     return steps, layers
 
@@ -283,6 +284,7 @@ def _fuse_attention(i, n, nodes, consts, shapes, producer, readers, graph_outs, 
     src = StepSrc(f"{n.name} (attention, {len(used)} nodes)", "Attention",
                   [q[0], k[0], v[0]] + ([mask] if mask else []), [nodes[r].outputs[0]], run,
                   native=True, sources=names)
+    src.attention = (heads, scale)
     return max(used), src, used
 
 
@@ -332,6 +334,65 @@ def _dead_shape_nodes(used, nodes, producer, readers, graph_outs):
         gone.add(p)
         todo += [producer.get(x) for x in nodes[p].inputs]
     return sorted(gone - set(used))
+
+
+# ---------------------------------------------------------------- attention sublayers
+def attention_blocks(steps: list, graph_outs: set) -> list:
+    """An attention step whose Q, K, V come from linear steps on one input (no activation, read
+    by nothing else) and whose output only a linear step reads (the output projection) becomes
+    one ``kernels.attention_block`` step where the output projection stood: the input is then
+    transposed once and only the result is transposed back."""
+    readers: dict[str, list[int]] = {}
+    producer = {}
+    for k, s in enumerate(steps):
+        for x in s.inputs:
+            readers.setdefault(x, []).append(k)
+        for o in s.outputs:
+            producer[o] = k
+    out = list(steps)
+
+    def only_reader(value, k):
+        return value not in graph_outs and readers.get(value) == [k]
+
+    for k, a in enumerate(steps):
+        if a.attention is None or len(set(a.inputs[:3])) != 3:
+            continue
+        proj = [producer.get(x) for x in a.inputs[:3]]
+        if any(p is None or out[p] is None or out[p].linear is None or out[p].linear[2] != "none"
+               or out[p].linear[3] or not only_reader(out[p].outputs[0], k) for p in proj):
+            continue
+        if len({out[p].inputs[0] for p in proj}) != 1:
+            continue
+        r = readers.get(a.outputs[0], [])
+        if len(r) != 1 or a.outputs[0] in graph_outs:
+            continue
+        o = out[r[0]]
+        if o is None or o.linear is None or o.inputs[0] != a.outputs[0] \
+                or a.outputs[0] in o.inputs[1:]:
+            continue
+        q, kk, v = (out[p].linear[:2] for p in proj)
+        fn = _block_fn(q, kk, v, o.linear, a.attention, len(a.inputs) > 3)
+        parts = [out[p] for p in proj] + [a, o]
+        out[r[0]] = StepSrc(f"{a.name}+projections", "AttentionBlock",
+                            [out[proj[0]].inputs[0]] + a.inputs[3:] + o.inputs[1:], o.outputs, fn,
+                            native=True, sources=[n for p in parts for n in p.sources])
+        for p in proj + [k]:
+            out[p] = None
+    return [s for s in out if s is not None]
+
+
+def _block_fn(q, k, v, o, attention, has_mask):
+    pw, bias, act, has_residual, guarded = o
+    heads, scale = attention
+
+    def run(x, *rest):
+        mask = rest[0] if has_mask else None
+        res = rest[-1] if has_residual else None
+        if guarded and res.shape != x.shape[:-1] + (pw.shape[0],):  # the Add broadcasts
+            y = kernels.attention_block(x, q, k, v, (pw, bias), heads, scale, mask)
+            return _apply_act(np.add(y, res), act)
+        return kernels.attention_block(x, q, k, v, (pw, bias), heads, scale, mask, act, residual=res)
+    return run
 
 
 # ---------------------------------------------------------------- linear chains

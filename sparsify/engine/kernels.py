@@ -25,7 +25,7 @@ except ImportError as err:  # pragma: no cover - only without a build
 
 __all__ = [
     "PackedWeight", "gemm", "linear", "linear_chain", "conv2d", "depthwise_conv2d", "max_pool2d", "avg_pool2d",
-    "global_avg_pool", "add_act", "softmax", "layer_norm", "batched_matmul", "attention",
+    "global_avg_pool", "add_act", "softmax", "layer_norm", "batched_matmul", "attention", "attention_block",
     "retain_freed_memory",
     "set_num_threads",
     "get_num_threads", "isa", "sparse_wins",
@@ -396,20 +396,51 @@ def attention(q, k, v, heads, scale=1.0, mask=None, out=None):
     b, sq, hd = q.shape
     sk = k.shape[1]
     y = _out(out, q.shape, "attention")
-    strides = (0, 0, 0)
-    if mask is not None:
-        m = _f32(mask, "attention mask")
-        full = (b, heads, sq, sk)
-        if m.ndim > 4 or not _broadcastable(m.shape, full):
-            raise InputError(f"attention mask has shape {m.shape}, which does not broadcast to "
-                             f"[B, H, Sq, Sk] = {list(full)}")
-        m = m.reshape((1,) * (4 - m.ndim) + m.shape)
-        if m.shape[3] != sk:
-            m = np.ascontiguousarray(np.broadcast_to(m, m.shape[:3] + (sk,)))
-        # the kernel walks the mask by element strides; a broadcast axis has stride 0
-        strides = tuple(0 if m.shape[i] == 1 else m.strides[i] // 4 for i in range(3))
-        mask = m
+    mask, strides = _mask_strides(mask, (b, heads, sq, sk))
     _core.attention(q, k, v, heads, float(scale), mask, *strides, y)
+    return y
+
+
+def _mask_strides(mask, full):
+    """An attention mask as float32 with rows along keys, and its element strides over
+    (batch, head, query): 0 on a broadcast axis, so the kernel never materializes it."""
+    if mask is None:
+        return None, (0, 0, 0)
+    m = _f32(mask, "attention mask")
+    if m.ndim > 4 or not _broadcastable(m.shape, full):
+        raise InputError(f"attention mask has shape {m.shape}, which does not broadcast to "
+                         f"[B, H, Sq, Sk] = {list(full)}")
+    m = m.reshape((1,) * (4 - m.ndim) + m.shape)
+    if m.shape[3] != full[3]:
+        m = np.ascontiguousarray(np.broadcast_to(m, m.shape[:3] + (full[3],)))
+    return m, tuple(0 if m.shape[i] == 1 else m.strides[i] // 4 for i in range(3))
+
+
+def attention_block(x, q, k, v, o, heads, scale=1.0, mask=None, act="none", out=None, *,
+                    residual=None):
+    """A self-attention sublayer in one call: ``linear(attention(linear(x, *q), linear(x, *k),
+    linear(x, *v), heads, scale, mask), *o, act, residual=residual)`` for x [B, S, K], where
+    q, k, v and o are (PackedWeight, bias or None) pairs. Between the projections nothing
+    leaves the core."""
+    x = _f32(x, "attention_block input")
+    for pw, _ in (q, k, v, o):
+        _check_pw(pw)
+    hd = q[0].shape[0]
+    if x.ndim != 3 or any(p[0].shape != (hd, x.shape[-1]) for p in (q, k, v)) \
+            or o[0].shape[1] != hd or int(heads) < 1 or hd % int(heads):
+        raise InputError(f"attention_block needs x [B, S, K] and Q, K, V weights [H*D, K] with "
+                         f"H = {heads} dividing H*D, and an output weight [M, H*D]; got x "
+                         f"{x.shape}, weights {q[0].shape}, {k[0].shape}, {v[0].shape}, {o[0].shape}")
+    b, s, _ = x.shape
+    shape = (b, s, o[0].shape[0])
+    mask, strides = _mask_strides(mask, (b, int(heads), s, s))
+    code, lo, hi = _act(act)
+    y = _out(out, shape, "attention_block")
+    _core.attention_block(x, q[0]._h, _vec(q[1], hd, "query bias"), k[0]._h,
+                          _vec(k[1], hd, "key bias"), v[0]._h, _vec(v[1], hd, "value bias"),
+                          int(heads), float(scale), mask, *strides, o[0]._h,
+                          _vec(o[1], shape[2], "output bias"), code, lo, hi,
+                          _same(residual, shape, "attention_block residual"), y)
     return y
 
 

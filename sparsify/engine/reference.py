@@ -276,6 +276,14 @@ def attention(q, k, v, heads, scale=1.0, mask=None, out=None):
     return y
 
 
+def attention_block(x, q, k, v, o, heads, scale=1.0, mask=None, act="none", out=None, *,
+                    residual=None):
+    """Projections, attention and output projection; q, k, v, o are (weight, bias) pairs."""
+    ctx = attention(linear(q[0], x, q[1]), linear(k[0], x, k[1]), linear(v[0], x, v[1]), heads,
+                    scale, mask)
+    return linear(o[0], ctx, o[1], act, out, residual=residual)
+
+
 def retain_freed_memory() -> bool:
     """No allocator to tune for NumPy's twins."""
     return False

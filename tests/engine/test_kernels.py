@@ -352,6 +352,31 @@ def test_attention(isa, b, sq, sk, heads, d, mask):
           scale=float(np.abs(v).max()))
 
 
+@pytest.mark.parametrize("kind", ["sparse", "dense"])
+@pytest.mark.parametrize("b,s,k,heads,d,m,mask", [
+    (1, 128, 96, 4, 24, 80, (1, 1, 1, 128)),
+    (2, 5, 7, 3, 5, 9, (2, 1, 1, 5)),
+    (1, 1, 3, 1, 1, 2, None),
+    (2, 17, 20, 2, 20, 20, (2, 2, 17, 17)),
+    (3, 9, 16, 4, 16, 8, (9, 1)),
+])
+def test_attention_block(isa, kind, b, s, k, heads, d, m, mask):
+    rng = np.random.default_rng(s * k + d)
+    x = rng.standard_normal((b, s, k)).astype(np.float32)
+    ws = [sparse_matrix(rng, heads * d, k, 0.8) / np.float32(np.sqrt(k)) for _ in range(3)]
+    ws.append(sparse_matrix(rng, m, heads * d, 0.8))
+    bs = [rng.standard_normal(w.shape[0]).astype(np.float32) for w in ws]
+    res = rng.standard_normal((b, s, m)).astype(np.float32)
+    msk = None if mask is None else (3 * rng.standard_normal(mask)).astype(np.float32)
+    packed = [(kernels.PackedWeight.pack(w, kind), bias) for w, bias in zip(ws, bs)]
+    for act, r in (("none", None), ("relu", res)):
+        want = reference.attention_block(x, *zip(ws, bs), heads, 0.3, msk, act, residual=r)
+        close(kernels.attention_block(x, *packed, heads, 0.3, msk, act, residual=r), want,
+              scale=float(np.abs(want).max()) + 1)
+    with pytest.raises(InputError, match="attention_block needs"):
+        kernels.attention_block(x[0], *packed, heads)
+
+
 def test_attention_edges_and_misuse():
     q = np.ones((1, 3, 8), np.float32)
     # no keys: an empty sum

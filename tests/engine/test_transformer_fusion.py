@@ -23,7 +23,7 @@ def _i64(*v):
 
 
 def attention_model(scale_op="Div", mask=True, static_shapes=False, k_perm=(0, 2, 3, 1),
-                    scores_out=False):
+                    scores_out=False, out_proj=False):
     rng = np.random.default_rng(0)
     inits = {"i0": np.array(0, np.int64), "i1": np.array(1, np.int64), "ax0": _i64(0),
              "h": _i64(HEADS), "d": _i64(D), "hd": _i64(HD), "c": np.array(np.sqrt(D), np.float32),
@@ -63,6 +63,13 @@ def attention_model(scale_op="Div", mask=True, static_shapes=False, k_perm=(0, 2
               helper.make_node("Transpose", ["ctx"], ["ctxt"], perm=[0, 2, 1, 3]),
               helper.make_node("Reshape", ["ctxt", shp3], ["y"])]
     outs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", S, HD])]
+    if out_proj:  # the output projection with its bias and the residual
+        inits["wo"] = (rng.standard_normal((HD, HD)) / np.sqrt(HD)).astype(np.float32)
+        inits["bo"] = rng.standard_normal(HD).astype(np.float32)
+        nodes += [helper.make_node("MatMul", ["y", "wo"], ["om"]),
+                  helper.make_node("Add", ["bo", "om"], ["oa"]),
+                  helper.make_node("Add", ["x", "oa"], ["z"])]
+        outs = [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", S, HD])]
     if scores_out:
         outs.append(helper.make_tensor_value_info("sc", TensorProto.FLOAT, None))
     ins = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", S, HD])]
@@ -93,6 +100,16 @@ def test_attention_block_becomes_one_step(scale_op, mask, static_shapes, onnx_ch
         feeds = _feeds(batch)
         if not mask:
             feeds.pop("m")
+        onnx_check.assert_same(engine.run(feeds), onnx_check.ort_run(model, feeds), 1e-4)
+
+
+@pytest.mark.parametrize("static_shapes", [False, True])
+def test_attention_sublayer_with_projections_becomes_one_step(static_shapes, onnx_check):
+    model = attention_model(out_proj=True, static_shapes=static_shapes)
+    engine = Engine(model)
+    assert sorted(s.op for s in engine.plan.steps) == ["AttentionBlock", "Unsqueeze"]
+    for batch in (1, 2):
+        feeds = _feeds(batch)
         onnx_check.assert_same(engine.run(feeds), onnx_check.ort_run(model, feeds), 1e-4)
 
 

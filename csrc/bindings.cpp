@@ -106,6 +106,15 @@ ConvShape conv_shape(const In& x, int64_t m, const Out& y, int kh, int kw, int s
   return s;
 }
 
+// An optional layer normalization of a layer's input rows (scale null: none).
+const RowNorm* row_norm(const OptIn& scale, const OptIn& bias, float eps, int64_t n, RowNorm& ln) {
+  if (!scale) return nullptr;
+  ln.scale = vec_or_null(scale, n, "layer norm scale");
+  ln.bias = vec_or_null(bias, n, "layer norm bias");
+  ln.eps = eps;
+  return &ln;
+}
+
 }  // namespace
 
 NB_MODULE(_core, mod) {
@@ -173,7 +182,7 @@ NB_MODULE(_core, mod) {
 
   mod.def("linear_chain", [](nb::handle w1h, OptIn bias1, int act1, float lo1, float hi1,
                              nb::handle w2h, OptIn bias2, int act2, float lo2, float hi2, In x,
-                             OptIn res, Out y) {
+                             OptIn ln_scale, OptIn ln_bias, float eps, OptIn res, Out y) {
     SparseWeight* s1; DenseWeight* d1; int64_t m1, k1;
     SparseWeight* s2; DenseWeight* d2; int64_t m2, k2;
     weight_dims(w1h, s1, d1, m1, k1);
@@ -186,13 +195,16 @@ NB_MODULE(_core, mod) {
     const float* b1 = vec_or_null(bias1, m1, "linear_chain first bias");
     const float* b2 = vec_or_null(bias2, m2, "linear_chain second bias");
     const float* r = same_or_null(res, t * m2, "linear_chain residual");
+    RowNorm norm;
+    const RowNorm* ln = row_norm(ln_scale, ln_bias, eps, k1, norm);
     const WeightRef w1 = bind_weight(s1, d1, {}), w2 = bind_weight(s2, d2, {});
     nb::gil_scoped_release nogil;
     run_linear_chain(w1, m1, k1, b1, a1.act, a1.lo, a1.hi, w2, m2, b2, a2.act, a2.lo, a2.hi,
-                     x.data(), t, r, y.data());
+                     x.data(), ln, t, r, y.data());
   }, nb::arg("w1"), nb::arg("bias1").none(), nb::arg("act1"), nb::arg("lo1"), nb::arg("hi1"),
      nb::arg("w2"), nb::arg("bias2").none(), nb::arg("act2"), nb::arg("lo2"), nb::arg("hi2"),
-     nb::arg("x"), nb::arg("residual").none(), nb::arg("out"));
+     nb::arg("x"), nb::arg("ln_scale").none(), nb::arg("ln_bias").none(), nb::arg("eps"),
+     nb::arg("residual").none(), nb::arg("out"));
 
   mod.def("conv2d", [](nb::handle wh, In x, int kh, int kw, int sh, int sw_, int pt, int pl, int pb,
                        int pr, int dh, int dw_, int group, OptIn bias, int act, float lo, float hi,
@@ -310,7 +322,7 @@ NB_MODULE(_core, mod) {
   }, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("heads"), nb::arg("scale"),
      nb::arg("mask").none(), nb::arg("msb"), nb::arg("msh"), nb::arg("msr"), nb::arg("out"));
 
-  mod.def("attention_block", [](In x, nb::handle wqh, OptIn bq, nb::handle wkh, OptIn bk,
+  mod.def("attention_block", [](In x, OptIn ln_scale, OptIn ln_bias, float eps, nb::handle wqh, OptIn bq, nb::handle wkh, OptIn bk,
                                 nb::handle wvh, OptIn bv, int64_t heads, float scale, OptIn mask,
                                 int64_t msb, int64_t msh, int64_t msr, nb::handle woh, OptIn bo,
                                 int act, float lo, float hi, OptIn res, Out y) {
@@ -345,10 +357,13 @@ NB_MODULE(_core, mod) {
       m = mask->data();
     }
     const WeightRef wo = bind_weight(so, dout, {});
+    RowNorm norm;
+    const RowNorm* ln = row_norm(ln_scale, ln_bias, eps, K, norm);
     nb::gil_scoped_release nogil;
-    run_attention_block(x.data(), B, S, K, w, b, heads, hd / heads, scale, m, msb, msh, msr, wo, M,
+    run_attention_block(x.data(), ln, B, S, K, w, b, heads, hd / heads, scale, m, msb, msh, msr, wo, M,
                         bo_p, r, a.act, a.lo, a.hi, y.data());
-  }, nb::arg("x"), nb::arg("wq"), nb::arg("bq").none(), nb::arg("wk"), nb::arg("bk").none(),
+  }, nb::arg("x"), nb::arg("ln_scale").none(), nb::arg("ln_bias").none(), nb::arg("eps"),
+     nb::arg("wq"), nb::arg("bq").none(), nb::arg("wk"), nb::arg("bk").none(),
      nb::arg("wv"), nb::arg("bv").none(), nb::arg("heads"), nb::arg("scale"), nb::arg("mask").none(),
      nb::arg("msb"), nb::arg("msh"), nb::arg("msr"), nb::arg("wo"), nb::arg("bo").none(),
      nb::arg("act"), nb::arg("lo"), nb::arg("hi"), nb::arg("residual").none(), nb::arg("out"));

@@ -95,13 +95,20 @@ void run_linear(const WeightRef& w, int64_t M, int64_t K, const float* x, const 
                 int64_t t, const float* bias, const float* res, int act, float lo, float hi,
                 float* y);
 
-// y = act2(act1(X W1^T + bias1) W2^T + bias2 + res) for X [T, K1]: two linear layers whose
+// Layer normalization over the last axis applied to a layer's input on its way in (null: none).
+struct RowNorm {
+  const float* scale;
+  const float* bias;  // may be null
+  float eps;
+};
+
+// y = act2(act1(X W1^T + bias1) W2^T + bias2 + res) for X [T, K1] (normalized by ln first): two linear layers whose
 // hidden [T, M1] activation nothing else reads (a transformer's feed-forward block). The hidden
 // activation stays feature-major between them, skipping two whole-matrix transposes.
 void run_linear_chain(const WeightRef& w1, int64_t M1, int64_t K1, const float* bias1, int act1,
                       float lo1, float hi1, const WeightRef& w2, int64_t M2, const float* bias2,
-                      int act2, float lo2, float hi2, const float* x, int64_t T,
-                      const float* res, float* y);
+                      int act2, float lo2, float hi2, const float* x, const RowNorm* ln,
+                      int64_t T, const float* res, float* y);
 
 struct ConvShape {
   int64_t n, c, h, w, m, oh, ow;
@@ -149,12 +156,13 @@ struct AttentionShape {
 void run_attention(const float* q, const float* k, const float* v, const AttentionShape& s,
                    float scale, const float* mask, float* out);
 
-// A whole self-attention sublayer on X [B * S, K]: Q, K, V projections (wqkv[3], biases
+// A whole self-attention sublayer on X [B * S, K] (normalized by ln first when given): Q, K, V projections (wqkv[3], biases
 // bqkv[3], each [H * D, K]), attention as in run_attention (Sq = Sk = S), then the output
 // projection wo [M, H * D] with bias, residual and activation: y [B * S, M]. Between the
 // projections everything stays feature-major, so X is transposed once and only the result
 // is transposed back.
-void run_attention_block(const float* x, int64_t B, int64_t S, int64_t K, const WeightRef* wqkv,
+void run_attention_block(const float* x, const RowNorm* ln, int64_t B, int64_t S, int64_t K,
+                         const WeightRef* wqkv,
                          const float* const* bqkv, int64_t H, int64_t D, float scale,
                          const float* mask, int64_t msb, int64_t msh, int64_t msr,
                          const WeightRef& wo, int64_t M, const float* bo, const float* res,

@@ -18,7 +18,7 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // Work below this many multiply-adds runs on the calling thread: waking a worker costs more.
 constexpr int64_t kSerialWork = 32 * 1024;
 
-thread_local FloatBuf t_yt, t_xt, t_h, t_qkv, t_ctx, t_att_pt, t_apanels, t_att_q, t_att_kt, t_att_s, t_att_p;
+thread_local FloatBuf t_yt, t_xt, t_ln, t_h, t_qkv, t_ctx, t_att_pt, t_apanels, t_att_q, t_att_kt, t_att_s, t_att_p;
 
 // dst[c][r] = src[r][c] for a rows x cols block; the fixed 16 x 16 case unrolls to straight loads
 // and stores (a general strided loop with bounds checks ran at ~2.5 ns per element).
@@ -60,6 +60,18 @@ void transpose_out(const float* yt, int64_t M, int64_t T, const float* res, int 
       // power-of-two-ish stride apart thrashed one cache set (0.5 -> 2.5 ns per element)
       alignas(64) float tmp[B * B];
       transpose_fixed<B, B>(yt + m0 * T + t0, T, tmp, B);
+      if (act == kActNone) {
+        // the residual joins on the way out: one pass over the output instead of two
+        for (int64_t t = 0; t < B; ++t) {
+          const float* r = res ? res + (t0 + t) * M + m0 : nullptr;
+          for (int64_t m = 0; m < B; m += 4) {
+            __m128 v = _mm_load_ps(tmp + t * B + m);
+            if (r) v = _mm_add_ps(v, _mm_loadu_ps(r + m));
+            _mm_storeu_ps(dst + t * M + m, v);
+          }
+        }
+        return;
+      }
       for (int64_t t = 0; t < B; ++t)
         for (int64_t m = 0; m < B; ++m) dst[t * M + m] = tmp[t * B + m];
     } else {
@@ -118,10 +130,25 @@ namespace {
 // pack the same X tiles, and packing from the token-major source is a scalar gather per element
 // (8 chunks x all of X at 2 threads), so it is transposed once here and every chunk copies whole
 // vectors. One token is the same memory either way.
-const float* feature_major(const float* x, int64_t T, int64_t K) {
-  if (T == 1) return x;
+const float* feature_major(const float* x, int64_t T, int64_t K, const RowNorm* ln = nullptr) {
+  if (!ln) {
+    if (T == 1) return x;
+    float* xt = t_xt.get(K * T);
+    transpose_out(x, T, K, nullptr, kActNone, 0.f, 0.f, xt);
+    return xt;
+  }
+  // the normalization the layer's input needs, 16 tokens at a time into L1 and from there
+  // straight to their feature-major columns: one pass over X instead of an op of its own
+  const KernelTable& kt = kernels();
+  constexpr int64_t B = 16;
   float* xt = t_xt.get(K * T);
-  transpose_out(x, T, K, nullptr, kActNone, 0.f, 0.f, xt);
+  parallel_range(ceil_div(T, B), K * T < kSerialWork, [&](int64_t blk) {
+    const int64_t t0 = blk * B, rows = std::min(B, T - t0);
+    float* tmp = T == 1 ? xt : t_ln.get(B * K);
+    for (int64_t i = 0; i < rows; ++i)
+      kt.layer_norm_row(x + (t0 + i) * K, K, ln->scale, ln->bias, ln->eps, tmp + i * K);
+    if (T > 1) transpose_serial(tmp, K, rows, K, xt + t0, T);
+  });
   return xt;
 }
 
@@ -158,12 +185,13 @@ void run_linear(const WeightRef& w, int64_t M, int64_t K, const float* x, const 
 
 void run_linear_chain(const WeightRef& w1, int64_t M1, int64_t K1, const float* bias1, int act1,
                       float lo1, float hi1, const WeightRef& w2, int64_t M2, const float* bias2,
-                      int act2, float lo2, float hi2, const float* x, int64_t T,
-                      const float* res, float* y) {
+                      int act2, float lo2, float hi2, const float* x, const RowNorm* ln,
+                      int64_t T, const float* res, float* y) {
   if (M2 <= 0 || T <= 0) return;
   // the hidden activation is already feature-major, the layout the second layer reads
   float* h = t_h.get(M1 * T);
-  gemm_feature_major(w1, M1, K1, feature_major(x, T, K1), T, bias_act(bias1, act1, lo1, hi1), h);
+  gemm_feature_major(w1, M1, K1, feature_major(x, T, K1, ln), T, bias_act(bias1, act1, lo1, hi1),
+                     h);
   float* yt = t_yt.get(M2 * T);
   gemm_feature_major(w2, M2, M1, h, T, bias_act(bias2, res ? kActNone : act2, lo2, hi2), yt);
   transpose_out(yt, M2, T, res, res ? act2 : kActNone, lo2, hi2, y);
@@ -282,14 +310,15 @@ void attention_head_fm(const float* qfm, const float* kfm, const float* vfm, int
 
 }  // namespace
 
-void run_attention_block(const float* x, int64_t B, int64_t S, int64_t K, const WeightRef* wqkv,
+void run_attention_block(const float* x, const RowNorm* ln, int64_t B, int64_t S, int64_t K,
+                         const WeightRef* wqkv,
                          const float* const* bqkv, int64_t H, int64_t D, float scale,
                          const float* mask, int64_t msb, int64_t msh, int64_t msr,
                          const WeightRef& wo, int64_t M, const float* bo, const float* res,
                          int act, float lo, float hi, float* y) {
   const int64_t T = B * S, HD = H * D;
   if (T <= 0 || M <= 0) return;
-  const float* xfm = feature_major(x, T, K);
+  const float* xfm = feature_major(x, T, K, ln);
   float* qkv = t_qkv.get(3 * HD * T);
   for (int i = 0; i < 3; ++i)
     gemm_feature_major(wqkv[i], HD, K, xfm, T, bias_act(bqkv[i], kActNone, 0.f, 0.f),

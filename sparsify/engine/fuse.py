@@ -57,6 +57,7 @@ class StepSrc:
     sources: list = field(default_factory=list)  # names of the graph nodes this step executes
     linear: tuple | None = None  # a linear layer's (packed weight, bias, act, residual?, guarded?)
     attention: tuple | None = None  # an attention step's (heads, scale)
+    norm: tuple | None = None  # a last-axis LayerNormalization's (scale, bias, epsilon)
 
 
 def bind(op_type: str, attrs: dict, n_inputs: int, n_outputs: int, opset: int):
@@ -138,9 +139,11 @@ def fuse(nodes: list, consts: dict, shapes: dict, graph_outs: set, kind: str):
                 placed.append((pos, src))
             continue
         fn = bind(n.op, n.attrs, len(n.inputs), len(n.outputs), n.opset)
-        placed.append((i, StepSrc(n.name, n.op, n.inputs, n.outputs, fn,
-                                  multi=n.op in MULTI_OUTPUT and len(n.outputs) > 1,
-                                  native=ops.runs_native(n.op, n.attrs, n.opset), sources=[n.name])))
+        src = StepSrc(n.name, n.op, n.inputs, n.outputs, fn,
+                      multi=n.op in MULTI_OUTPUT and len(n.outputs) > 1,
+                      native=ops.runs_native(n.op, n.attrs, n.opset), sources=[n.name])
+        src.norm = _row_norm(n, consts)
+        placed.append((i, src))
     placed.sort(key=lambda p: p[0])  # stable: a fused step lands where its last node stood
     steps = chain_linears(attention_blocks([s for _, s in placed], graph_outs), graph_outs)
     reuse_buffers(steps, shapes, graph_outs)
@@ -371,17 +374,35 @@ def attention_blocks(steps: list, graph_outs: set) -> list:
                 or a.outputs[0] in o.inputs[1:]:
             continue
         q, kk, v = (out[p].linear[:2] for p in proj)
-        fn = _block_fn(q, kk, v, o.linear, a.attention, len(a.inputs) > 3)
+        x = out[proj[0]].inputs[0]
         parts = [out[p] for p in proj] + [a, o]
-        out[r[0]] = StepSrc(f"{a.name}+projections", "AttentionBlock",
-                            [out[proj[0]].inputs[0]] + a.inputs[3:] + o.inputs[1:], o.outputs, fn,
+        norm = _norm_before(x, producer, out, proj, graph_outs)
+        if norm is not None:
+            parts.insert(0, out[producer[x]])
+            out[producer[x]] = None
+            x = parts[0].inputs[0]
+        fn = _block_fn(q, kk, v, o.linear, a.attention, len(a.inputs) > 3, norm and norm.norm)
+        out[r[0]] = StepSrc(f"{a.name}+projections", ("LayerNormalization+" if norm else "")
+                            + "AttentionBlock", [x] + a.inputs[3:] + o.inputs[1:], o.outputs, fn,
                             native=True, sources=[n for p in parts for n in p.sources])
         for p in proj + [k]:
             out[p] = None
     return [s for s in out if s is not None]
 
 
-def _block_fn(q, k, v, o, attention, has_mask):
+def _norm_before(x, producer, steps, readers_of_x, graph_outs):
+    """The LayerNormalization step that makes x when only the steps at readers_of_x read it."""
+    p = producer.get(x)
+    if p is None or steps[p] is None or steps[p].norm is None or x in graph_outs:
+        return None
+    return steps[p] if sorted(readers_of_x) == sorted(_readers(x, steps)) else None
+
+
+def _readers(value, steps):
+    return [k for k, s in enumerate(steps) if s is not None and value in s.inputs]
+
+
+def _block_fn(q, k, v, o, attention, has_mask, ln):
     pw, bias, act, has_residual, guarded = o
     heads, scale = attention
 
@@ -389,10 +410,25 @@ def _block_fn(q, k, v, o, attention, has_mask):
         mask = rest[0] if has_mask else None
         res = rest[-1] if has_residual else None
         if guarded and res.shape != x.shape[:-1] + (pw.shape[0],):  # the Add broadcasts
-            y = kernels.attention_block(x, q, k, v, (pw, bias), heads, scale, mask)
+            y = kernels.attention_block(x, q, k, v, (pw, bias), heads, scale, mask, ln=ln)
             return _apply_act(np.add(y, res), act)
-        return kernels.attention_block(x, q, k, v, (pw, bias), heads, scale, mask, act, residual=res)
+        return kernels.attention_block(x, q, k, v, (pw, bias), heads, scale, mask, act,
+                                       residual=res, ln=ln)
     return run
+
+
+def _row_norm(n: Node, consts: dict):
+    """(scale, bias, epsilon) of a LayerNormalization over the last axis with constant float32
+    parameters whose only output is read, else None."""
+    if n.op != "LayerNormalization" or len(n.outputs) != 1 or n.attrs.get("axis", -1) != -1:
+        return None
+    scale = _const(consts, n.inputs[1])
+    bias = _const(consts, n.inputs[2]) if len(n.inputs) > 2 and n.inputs[2] else None
+    if scale is None or scale.dtype != np.float32 or scale.ndim != 1 \
+            or (len(n.inputs) > 2 and n.inputs[2] and (bias is None or bias.shape != scale.shape
+                                                        or bias.dtype != np.float32)):
+        return None
+    return scale, bias, float(n.attrs.get("epsilon", 1e-5))
 
 
 # ---------------------------------------------------------------- linear chains
@@ -402,9 +438,12 @@ def chain_linears(steps: list, graph_outs: set) -> list:
     core, which keeps it in the layout the second layer reads (two whole-matrix transposes
     fewer). The joint step runs where the second one stood."""
     readers: dict[str, list[int]] = {}
+    producer = {}
     for k, s in enumerate(steps):
         for x in s.inputs:
             readers.setdefault(x, []).append(k)
+        for o in s.outputs:
+            producer[o] = k
     out = list(steps)
     for k, a in enumerate(steps):
         if a.linear is None or a.linear[3]:
@@ -416,19 +455,25 @@ def chain_linears(steps: list, graph_outs: set) -> list:
         b = out[r[0]]
         if b.linear is None or b.linear[4] or b.inputs[0] != hidden or hidden in b.inputs[1:]:
             continue
+        x, parts, op = a.inputs[0], [a, b], f"{a.op}>{b.op}"
+        norm = _norm_before(x, producer, out, [k], graph_outs)
+        if norm is not None:
+            out[producer[x]] = None
+            x, parts, op = norm.inputs[0], [norm] + parts, "LayerNormalization>" + op
         out[k] = None
-        out[r[0]] = StepSrc(f"{a.name}>{b.name}", f"{a.op}>{b.op}", [a.inputs[0]] + b.inputs[1:],
-                            b.outputs, _chain_fn(a.linear, b.linear), native=True,
-                            sources=a.sources + b.sources)
+        out[r[0]] = StepSrc(f"{a.name}>{b.name}", op, [x] + b.inputs[1:], b.outputs,
+                            _chain_fn(a.linear, b.linear, norm and norm.norm), native=True,
+                            sources=[n for p in parts for n in p.sources])
     return [s for s in out if s is not None]
 
 
-def _chain_fn(first, second):
+def _chain_fn(first, second, ln):
     pw1, bias1, act1 = first[:3]
     pw2, bias2, act2, has_residual = second[:4]
     if has_residual:
-        return lambda x, r: kernels.linear_chain(pw1, pw2, x, bias1, act1, bias2, act2, residual=r)
-    return lambda x: kernels.linear_chain(pw1, pw2, x, bias1, act1, bias2, act2)
+        return lambda x, r: kernels.linear_chain(pw1, pw2, x, bias1, act1, bias2, act2,
+                                                 residual=r, ln=ln)
+    return lambda x: kernels.linear_chain(pw1, pw2, x, bias1, act1, bias2, act2, ln=ln)
 
 
 # ---------------------------------------------------------------- buffer reuse

@@ -191,10 +191,19 @@ def linear(pw, x, bias=None, act="none", out=None, *, residual=None):
     return y
 
 
+def _norm_args(ln, n: int):
+    """(scale, bias, eps) for the core from an optional (scale, bias or None, epsilon)."""
+    if ln is None:
+        return None, None, 0.0
+    scale, bias, eps = ln
+    return _vec(scale, n, "layer norm scale"), _vec(bias, n, "layer norm bias"), float(eps)
+
+
 def linear_chain(pw1, pw2, x, bias1=None, act1="none", bias2=None, act2="none", out=None, *,
-                 residual=None):
+                 residual=None, ln=None):
     """``linear(linear(x, pw1, bias1, act1), pw2, bias2, act2, residual=residual)`` in one call:
-    the hidden activation stays inside the core in the layout the second layer reads."""
+    the hidden activation stays inside the core in the layout the second layer reads.
+    ``ln = (scale, bias, epsilon)`` layer-normalizes x's last axis first."""
     _check_pw(pw1)
     _check_pw(pw2)
     (m1, k1), (m2, k2) = pw1.shape, pw2.shape
@@ -212,8 +221,8 @@ def linear_chain(pw1, pw2, x, bias1=None, act1="none", bias2=None, act2="none", 
     res = _same(residual, shape, "linear_chain residual")
     _core.linear_chain(pw1._h, _vec(bias1, m1, "linear_chain first bias"), c1, lo1, hi1,
                        pw2._h, _vec(bias2, m2, "linear_chain second bias"), c2, lo2, hi2,
-                       x.reshape(-1, k1), None if res is None else res.reshape(-1, m2),
-                       y.reshape(-1, m2))
+                       x.reshape(-1, k1), *_norm_args(ln, k1),
+                       None if res is None else res.reshape(-1, m2), y.reshape(-1, m2))
     return y
 
 
@@ -417,11 +426,11 @@ def _mask_strides(mask, full):
 
 
 def attention_block(x, q, k, v, o, heads, scale=1.0, mask=None, act="none", out=None, *,
-                    residual=None):
+                    residual=None, ln=None):
     """A self-attention sublayer in one call: ``linear(attention(linear(x, *q), linear(x, *k),
     linear(x, *v), heads, scale, mask), *o, act, residual=residual)`` for x [B, S, K], where
     q, k, v and o are (PackedWeight, bias or None) pairs. Between the projections nothing
-    leaves the core."""
+    leaves the core. ``ln = (scale, bias, epsilon)`` layer-normalizes x's last axis first."""
     x = _f32(x, "attention_block input")
     for pw, _ in (q, k, v, o):
         _check_pw(pw)
@@ -436,7 +445,7 @@ def attention_block(x, q, k, v, o, heads, scale=1.0, mask=None, act="none", out=
     mask, strides = _mask_strides(mask, (b, int(heads), s, s))
     code, lo, hi = _act(act)
     y = _out(out, shape, "attention_block")
-    _core.attention_block(x, q[0]._h, _vec(q[1], hd, "query bias"), k[0]._h,
+    _core.attention_block(x, *_norm_args(ln, x.shape[-1]), q[0]._h, _vec(q[1], hd, "query bias"), k[0]._h,
                           _vec(k[1], hd, "key bias"), v[0]._h, _vec(v[1], hd, "value bias"),
                           int(heads), float(scale), mask, *strides, o[0]._h,
                           _vec(o[1], shape[2], "output bias"), code, lo, hi,

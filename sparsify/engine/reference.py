@@ -104,8 +104,11 @@ def linear(pw, x, bias=None, act="none", out=None, *, residual=None):
 
 
 def linear_chain(pw1, pw2, x, bias1=None, act1="none", bias2=None, act2="none", out=None, *,
-                 residual=None):
-    """Two linear layers: ``linear(linear(x, pw1, bias1, act1), pw2, bias2, act2, residual)``."""
+                 residual=None, ln=None):
+    """Two linear layers: ``linear(linear(x, pw1, bias1, act1), pw2, bias2, act2, residual)``,
+    after ``layer_norm(x, *ln)`` when ln is given."""
+    if ln is not None:
+        x = layer_norm(x, *ln)
     h = linear(pw1, x, bias1, act1)
     return linear(pw2, h, bias2, act2, out, residual=residual)
 
@@ -277,8 +280,10 @@ def attention(q, k, v, heads, scale=1.0, mask=None, out=None):
 
 
 def attention_block(x, q, k, v, o, heads, scale=1.0, mask=None, act="none", out=None, *,
-                    residual=None):
+                    residual=None, ln=None):
     """Projections, attention and output projection; q, k, v, o are (weight, bias) pairs."""
+    if ln is not None:
+        x = layer_norm(x, *ln)
     ctx = attention(linear(q[0], x, q[1]), linear(k[0], x, k[1]), linear(v[0], x, v[1]), heads,
                     scale, mask)
     return linear(o[0], ctx, o[1], act, out, residual=residual)

@@ -139,6 +139,11 @@ def test_linear_chain(isa, kinds, t, k, h, m):
         want = reference.linear_chain(w1, w2, x, b1, act1, b2, act2, residual=res)
         close(kernels.linear_chain(p1, p2, x, b1, act1, b2, act2, residual=res), want,
               scale=float(np.abs(want).max()) + 1)
+    ln = (rng.standard_normal(k).astype(np.float32), rng.standard_normal(k).astype(np.float32), 1e-5)
+    for norm in (ln, ln[:1] + (None, 0.1)):
+        want = reference.linear_chain(w1, w2, x, b1, "gelu", b2, residual=res, ln=norm)
+        close(kernels.linear_chain(p1, p2, x, b1, "gelu", b2, residual=res, ln=norm), want,
+              scale=float(np.abs(want).max()) + 1)
     with pytest.raises(InputError, match="cannot take"):
         kernels.linear_chain(p1, kernels.PackedWeight.pack(np.ones((2, h + 1), np.float32)), x)
 
@@ -373,6 +378,10 @@ def test_attention_block(isa, kind, b, s, k, heads, d, m, mask):
         want = reference.attention_block(x, *zip(ws, bs), heads, 0.3, msk, act, residual=r)
         close(kernels.attention_block(x, *packed, heads, 0.3, msk, act, residual=r), want,
               scale=float(np.abs(want).max()) + 1)
+    ln = (rng.standard_normal(k).astype(np.float32), rng.standard_normal(k).astype(np.float32), 1e-5)
+    want = reference.attention_block(x, *zip(ws, bs), heads, 0.3, msk, residual=res, ln=ln)
+    close(kernels.attention_block(x, *packed, heads, 0.3, msk, residual=res, ln=ln), want,
+          scale=float(np.abs(want).max()) + 1)
     with pytest.raises(InputError, match="attention_block needs"):
         kernels.attention_block(x[0], *packed, heads)
 

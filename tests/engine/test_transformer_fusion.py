@@ -23,7 +23,7 @@ def _i64(*v):
 
 
 def attention_model(scale_op="Div", mask=True, static_shapes=False, k_perm=(0, 2, 3, 1),
-                    scores_out=False, out_proj=False):
+                    scores_out=False, out_proj=False, norm=False):
     rng = np.random.default_rng(0)
     inits = {"i0": np.array(0, np.int64), "i1": np.array(1, np.int64), "ax0": _i64(0),
              "h": _i64(HEADS), "d": _i64(D), "hd": _i64(HD), "c": np.array(np.sqrt(D), np.float32),
@@ -38,10 +38,17 @@ def attention_model(scale_op="Div", mask=True, static_shapes=False, k_perm=(0, 2
              helper.make_node("Concat", ["b1", "t1", "hd"], ["dyn3"], axis=0)]
     nodes = [] if static_shapes else shape_nodes
     shp4, shp3 = ("shp4", "shp3") if static_shapes else ("dyn4", "dyn3")
+    src = "x"
+    if norm:  # pre-norm: the projections read LayerNormalization(x), the residual x itself
+        inits["g"] = rng.standard_normal(HD).astype(np.float32)
+        inits["beta"] = rng.standard_normal(HD).astype(np.float32)
+        nodes.append(helper.make_node("LayerNormalization", ["x", "g", "beta"], ["xn"], axis=-1,
+                                      epsilon=1e-5))
+        src = "xn"
     for name, perm in (("q", (0, 2, 1, 3)), ("k", k_perm), ("v", (0, 2, 1, 3))):
         inits["w" + name] = (rng.standard_normal((HD, HD)) / np.sqrt(HD)).astype(np.float32)
         inits["b" + name] = rng.standard_normal(HD).astype(np.float32)
-        nodes += [helper.make_node("MatMul", ["x", "w" + name], [name + "m"]),
+        nodes += [helper.make_node("MatMul", [src, "w" + name], [name + "m"]),
                   helper.make_node("Add", ["b" + name, name + "m"], [name + "a"]),
                   helper.make_node("Reshape", [name + "a", shp4], [name + "r"]),
                   helper.make_node("Transpose", [name + "r"], [name + "t"], perm=list(perm))]
@@ -104,10 +111,12 @@ def test_attention_block_becomes_one_step(scale_op, mask, static_shapes, onnx_ch
 
 
 @pytest.mark.parametrize("static_shapes", [False, True])
-def test_attention_sublayer_with_projections_becomes_one_step(static_shapes, onnx_check):
-    model = attention_model(out_proj=True, static_shapes=static_shapes)
+@pytest.mark.parametrize("norm", [False, True])
+def test_attention_sublayer_with_projections_becomes_one_step(static_shapes, norm, onnx_check):
+    model = attention_model(out_proj=True, static_shapes=static_shapes, norm=norm)
     engine = Engine(model)
-    assert sorted(s.op for s in engine.plan.steps) == ["AttentionBlock", "Unsqueeze"]
+    block = "LayerNormalization+AttentionBlock" if norm else "AttentionBlock"
+    assert sorted(s.op for s in engine.plan.steps) == [block, "Unsqueeze"]
     for batch in (1, 2):
         feeds = _feeds(batch)
         onnx_check.assert_same(engine.run(feeds), onnx_check.ort_run(model, feeds), 1e-4)
@@ -129,13 +138,17 @@ def test_attention_with_another_key_layout_is_left_to_the_single_ops(onnx_check)
     onnx_check.assert_same(engine.run(feeds), onnx_check.ort_run(model, feeds), 1e-4)
 
 
-def ffn_model(hidden_out=False):
+def ffn_model(hidden_out=False, norm=False):
     rng = np.random.default_rng(1)
     w1 = (rng.standard_normal((HD, 3 * HD)) * (rng.random((HD, 3 * HD)) > 0.8)).astype(np.float32)
     w2 = (rng.standard_normal((3 * HD, HD)) * (rng.random((3 * HD, HD)) > 0.8)).astype(np.float32)
     inits = {"w1": w1, "b1": rng.standard_normal(3 * HD).astype(np.float32), "w2": w2,
              "b2": rng.standard_normal(HD).astype(np.float32)}
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]),
+    nodes = []
+    if norm:
+        inits["g"] = rng.standard_normal(HD).astype(np.float32)
+        nodes.append(helper.make_node("LayerNormalization", ["x", "g"], ["xn"], axis=-1))
+    nodes += [helper.make_node("MatMul", ["xn" if norm else "x", "w1"], ["h"]),
              helper.make_node("Add", ["h", "b1"], ["hb"]),
              helper.make_node("Relu", ["hb"], ["a"]),
              helper.make_node("MatMul", ["a", "w2"], ["o"]),
@@ -151,11 +164,13 @@ def ffn_model(hidden_out=False):
 
 
 @pytest.mark.parametrize("hidden_out", [False, True])
-def test_feed_forward_block_becomes_one_linear_chain(hidden_out, onnx_check):
-    model = ffn_model(hidden_out)
+@pytest.mark.parametrize("norm", [False, True])
+def test_feed_forward_block_becomes_one_linear_chain(hidden_out, norm, onnx_check):
+    model = ffn_model(hidden_out, norm)
     engine = Engine(model)
     ops = [s.op for s in engine.plan.steps]
-    assert ops == (["MatMul+Add+Relu", "MatMul+Add+Add"] if hidden_out
-                   else ["MatMul+Add+Relu>MatMul+Add+Add"]), ops
+    pre = ["LayerNormalization"] if norm and hidden_out else []
+    assert ops == pre + (["MatMul+Add+Relu", "MatMul+Add+Add"] if hidden_out else [
+        ("LayerNormalization>" if norm else "") + "MatMul+Add+Relu>MatMul+Add+Add"]), ops
     feeds = {"x": np.random.default_rng(2).standard_normal((2, S, HD)).astype(np.float32)}
     onnx_check.assert_same(engine.run(feeds), onnx_check.ort_run(model, feeds), 1e-4)

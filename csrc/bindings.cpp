@@ -322,31 +322,23 @@ NB_MODULE(_core, mod) {
   }, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("heads"), nb::arg("scale"),
      nb::arg("mask").none(), nb::arg("msb"), nb::arg("msh"), nb::arg("msr"), nb::arg("out"));
 
-  mod.def("attention_block", [](In x, OptIn ln_scale, OptIn ln_bias, float eps, nb::handle wqh, OptIn bq, nb::handle wkh, OptIn bk,
-                                nb::handle wvh, OptIn bv, int64_t heads, float scale, OptIn mask,
-                                int64_t msb, int64_t msh, int64_t msr, nb::handle woh, OptIn bo,
-                                int act, float lo, float hi, OptIn res, Out y) {
+  mod.def("attention_block", [](In x, OptIn ln_scale, OptIn ln_bias, float eps, nb::handle wqkvh,
+                                OptIn bqkv, int64_t heads, float scale, OptIn mask, int64_t msb,
+                                int64_t msh, int64_t msr, nb::handle woh, OptIn bo, int act,
+                                float lo, float hi, OptIn res, Out y) {
     expect(x.ndim() == 3, "attention_block: x must be [B, S, K], got " + shape_of(x));
     const int64_t B = (int64_t)x.shape(0), S = (int64_t)x.shape(1), K = (int64_t)x.shape(2);
-    WeightRef w[3];
-    const float* b[3];
-    nb::handle hs[3] = {wqh, wkh, wvh};
-    const OptIn* bs[3] = {&bq, &bk, &bv};
-    int64_t hd = -1;
-    for (int i = 0; i < 3; ++i) {
-      SparseWeight* sw; DenseWeight* dw; int64_t m, k;
-      weight_dims(hs[i], sw, dw, m, k);
-      expect(k == K && (hd < 0 || m == hd), "attention_block: the Q, K, V weights must be [H*D, " + std::to_string(K) + "] alike");
-      hd = m;
-      w[i] = bind_weight(sw, dw, {});
-      b[i] = vec_or_null(*bs[i], m, "attention_block projection bias");
-    }
+    SparseWeight* sq; DenseWeight* dq; int64_t m3, k;
+    weight_dims(wqkvh, sq, dq, m3, k);
+    expect(k == K && m3 % 3 == 0, "attention_block: the stacked Q, K, V weight must be [3*H*D, " + std::to_string(K) + "]");
+    const int64_t hd = m3 / 3;
     expect(heads > 0 && hd % heads == 0, "attention_block: heads must divide the projections' outputs");
     SparseWeight* so; DenseWeight* dout; int64_t M, ko;
     weight_dims(woh, so, dout, M, ko);
     expect(ko == hd, "attention_block: the output weight must take the " + std::to_string(hd) + " attention outputs");
     check_out(y, {B, S, M}, "attention_block");
     const ActArgs a = act_args(act, lo, hi);
+    const float* bqkv_p = vec_or_null(bqkv, m3, "attention_block projection bias");
     const float* bo_p = vec_or_null(bo, M, "attention_block output bias");
     const float* r = same_or_null(res, B * S * M, "attention_block residual");
     const float* m = nullptr;
@@ -356,17 +348,17 @@ NB_MODULE(_core, mod) {
              "attention_block: mask strides reach past the mask");
       m = mask->data();
     }
-    const WeightRef wo = bind_weight(so, dout, {});
+    const WeightRef wqkv = bind_weight(sq, dq, {}), wo = bind_weight(so, dout, {});
     RowNorm norm;
     const RowNorm* ln = row_norm(ln_scale, ln_bias, eps, K, norm);
     nb::gil_scoped_release nogil;
-    run_attention_block(x.data(), ln, B, S, K, w, b, heads, hd / heads, scale, m, msb, msh, msr, wo, M,
-                        bo_p, r, a.act, a.lo, a.hi, y.data());
+    run_attention_block(x.data(), ln, B, S, K, wqkv, bqkv_p, heads, hd / heads, scale, m, msb, msh,
+                        msr, wo, M, bo_p, r, a.act, a.lo, a.hi, y.data());
   }, nb::arg("x"), nb::arg("ln_scale").none(), nb::arg("ln_bias").none(), nb::arg("eps"),
-     nb::arg("wq"), nb::arg("bq").none(), nb::arg("wk"), nb::arg("bk").none(),
-     nb::arg("wv"), nb::arg("bv").none(), nb::arg("heads"), nb::arg("scale"), nb::arg("mask").none(),
-     nb::arg("msb"), nb::arg("msh"), nb::arg("msr"), nb::arg("wo"), nb::arg("bo").none(),
-     nb::arg("act"), nb::arg("lo"), nb::arg("hi"), nb::arg("residual").none(), nb::arg("out"));
+     nb::arg("wqkv"), nb::arg("bqkv").none(), nb::arg("heads"), nb::arg("scale"),
+     nb::arg("mask").none(), nb::arg("msb"), nb::arg("msh"), nb::arg("msr"), nb::arg("wo"),
+     nb::arg("bo").none(), nb::arg("act"), nb::arg("lo"), nb::arg("hi"), nb::arg("residual").none(),
+     nb::arg("out"));
 
   // glibc returns every freed block above its (adaptive) mmap threshold, and the top of the
   // heap above the trim threshold, to the OS, so each run's fresh activation arrays page-fault

@@ -156,14 +156,14 @@ struct AttentionShape {
 void run_attention(const float* q, const float* k, const float* v, const AttentionShape& s,
                    float scale, const float* mask, float* out);
 
-// A whole self-attention sublayer on X [B * S, K] (normalized by ln first when given): Q, K, V projections (wqkv[3], biases
-// bqkv[3], each [H * D, K]), attention as in run_attention (Sq = Sk = S), then the output
-// projection wo [M, H * D] with bias, residual and activation: y [B * S, M]. Between the
-// projections everything stays feature-major, so X is transposed once and only the result
-// is transposed back.
+// A whole self-attention sublayer on X [B * S, K] (normalized by ln first when given): the
+// Q, K, V projections stacked in one weight wqkv [3 * H * D, K] (bias bqkv), attention as in
+// run_attention (Sq = Sk = S), then the output projection wo [M, H * D] with bias, residual and
+// activation: y [B * S, M]. Between the projections everything stays feature-major, so X is
+// transposed once and only the result is transposed back.
 void run_attention_block(const float* x, const RowNorm* ln, int64_t B, int64_t S, int64_t K,
-                         const WeightRef* wqkv,
-                         const float* const* bqkv, int64_t H, int64_t D, float scale,
+                         const WeightRef& wqkv, const float* bqkv, int64_t H, int64_t D,
+                         float scale,
                          const float* mask, int64_t msb, int64_t msh, int64_t msr,
                          const WeightRef& wo, int64_t M, const float* bo, const float* res,
                          int act, float lo, float hi, float* y);

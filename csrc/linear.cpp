@@ -311,18 +311,17 @@ void attention_head_fm(const float* qfm, const float* kfm, const float* vfm, int
 }  // namespace
 
 void run_attention_block(const float* x, const RowNorm* ln, int64_t B, int64_t S, int64_t K,
-                         const WeightRef* wqkv,
-                         const float* const* bqkv, int64_t H, int64_t D, float scale,
+                         const WeightRef& wqkv, const float* bqkv, int64_t H, int64_t D,
+                         float scale,
                          const float* mask, int64_t msb, int64_t msh, int64_t msr,
                          const WeightRef& wo, int64_t M, const float* bo, const float* res,
                          int act, float lo, float hi, float* y) {
   const int64_t T = B * S, HD = H * D;
   if (T <= 0 || M <= 0) return;
   const float* xfm = feature_major(x, T, K, ln);
+  // one GEMM for the three projections: X's tiles are packed once, one split over threads
   float* qkv = t_qkv.get(3 * HD * T);
-  for (int i = 0; i < 3; ++i)
-    gemm_feature_major(wqkv[i], HD, K, xfm, T, bias_act(bqkv[i], kActNone, 0.f, 0.f),
-                       qkv + i * HD * T);
+  gemm_feature_major(wqkv, 3 * HD, K, xfm, T, bias_act(bqkv, kActNone, 0.f, 0.f), qkv);
   float* ctx = t_ctx.get(HD * T);
   std::vector<int64_t> koff_k(HD), koff_p(S);
   for (int64_t r = 0; r < HD; ++r) koff_k[r] = r * T;

@@ -373,7 +373,7 @@ def attention_blocks(steps: list, graph_outs: set) -> list:
         if o is None or o.linear is None or o.inputs[0] != a.outputs[0] \
                 or a.outputs[0] in o.inputs[1:]:
             continue
-        q, kk, v = (out[p].linear[:2] for p in proj)
+        qkv = _stacked(*(out[p].linear for p in proj))
         x = out[proj[0]].inputs[0]
         parts = [out[p] for p in proj] + [a, o]
         norm = _norm_before(x, producer, out, proj, graph_outs)
@@ -381,7 +381,7 @@ def attention_blocks(steps: list, graph_outs: set) -> list:
             parts.insert(0, out[producer[x]])
             out[producer[x]] = None
             x = parts[0].inputs[0]
-        fn = _block_fn(q, kk, v, o.linear, a.attention, len(a.inputs) > 3, norm and norm.norm)
+        fn = _block_fn(qkv, o.linear, a.attention, len(a.inputs) > 3, norm and norm.norm)
         out[r[0]] = StepSrc(f"{a.name}+projections", ("LayerNormalization+" if norm else "")
                             + "AttentionBlock", [x] + a.inputs[3:] + o.inputs[1:], o.outputs, fn,
                             native=True, sources=[n for p in parts for n in p.sources])
@@ -402,7 +402,19 @@ def _readers(value, steps):
     return [k for k, s in enumerate(steps) if s is not None and value in s.inputs]
 
 
-def _block_fn(q, k, v, o, attention, has_mask, ln):
+def _stacked(*linears):
+    """One packed weight and bias for linear layers on the same input, outputs side by side
+    (the Q, K, V projections: one GEMM packs the input once and splits once over threads)."""
+    pws = [lin[0] for lin in linears]
+    w = np.concatenate([pw.to_dense() for pw in pws])
+    kind = pws[0].kind if len({pw.kind for pw in pws}) == 1 else "auto"
+    biases = [lin[1] if lin[1] is not None else np.zeros(pw.shape[0], np.float32)
+              for lin, pw in zip(linears, pws)]
+    bias = None if all(lin[1] is None for lin in linears) else np.concatenate(biases)
+    return kernels.PackedWeight.pack(w, kind=kind), bias
+
+
+def _block_fn(qkv, o, attention, has_mask, ln):
     pw, bias, act, has_residual, guarded = o
     heads, scale = attention
 
@@ -410,10 +422,10 @@ def _block_fn(q, k, v, o, attention, has_mask, ln):
         mask = rest[0] if has_mask else None
         res = rest[-1] if has_residual else None
         if guarded and res.shape != x.shape[:-1] + (pw.shape[0],):  # the Add broadcasts
-            y = kernels.attention_block(x, q, k, v, (pw, bias), heads, scale, mask, ln=ln)
+            y = kernels.attention_block(x, qkv, (pw, bias), heads, scale, mask, ln=ln)
             return _apply_act(np.add(y, res), act)
-        return kernels.attention_block(x, q, k, v, (pw, bias), heads, scale, mask, act,
-                                       residual=res, ln=ln)
+        return kernels.attention_block(x, qkv, (pw, bias), heads, scale, mask, act, residual=res,
+                                       ln=ln)
     return run
 
 

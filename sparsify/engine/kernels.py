@@ -425,28 +425,29 @@ def _mask_strides(mask, full):
     return m, tuple(0 if m.shape[i] == 1 else m.strides[i] // 4 for i in range(3))
 
 
-def attention_block(x, q, k, v, o, heads, scale=1.0, mask=None, act="none", out=None, *,
+def attention_block(x, qkv, o, heads, scale=1.0, mask=None, act="none", out=None, *,
                     residual=None, ln=None):
-    """A self-attention sublayer in one call: ``linear(attention(linear(x, *q), linear(x, *k),
-    linear(x, *v), heads, scale, mask), *o, act, residual=residual)`` for x [B, S, K], where
-    q, k, v and o are (PackedWeight, bias or None) pairs. Between the projections nothing
-    leaves the core. ``ln = (scale, bias, epsilon)`` layer-normalizes x's last axis first."""
+    """A self-attention sublayer in one call, for x [B, S, K]:
+    ``linear(attention(q, k, v, heads, scale, mask), *o, act, residual=residual)`` where
+    ``[q | k | v] = linear(x, *qkv)``. ``qkv`` is (PackedWeight [3*H*D, K] holding the Q, K and
+    V projections stacked, bias [3*H*D] or None), ``o`` (PackedWeight [M, H*D], bias or None).
+    Between the projections nothing leaves the core. ``ln = (scale, bias, epsilon)``
+    layer-normalizes x's last axis first."""
     x = _f32(x, "attention_block input")
-    for pw, _ in (q, k, v, o):
-        _check_pw(pw)
-    hd = q[0].shape[0]
-    if x.ndim != 3 or any(p[0].shape != (hd, x.shape[-1]) for p in (q, k, v)) \
-            or o[0].shape[1] != hd or int(heads) < 1 or hd % int(heads):
-        raise InputError(f"attention_block needs x [B, S, K] and Q, K, V weights [H*D, K] with "
-                         f"H = {heads} dividing H*D, and an output weight [M, H*D]; got x "
-                         f"{x.shape}, weights {q[0].shape}, {k[0].shape}, {v[0].shape}, {o[0].shape}")
+    _check_pw(qkv[0])
+    _check_pw(o[0])
+    (m3, k), hd = qkv[0].shape, qkv[0].shape[0] // 3
+    if x.ndim != 3 or k != x.shape[-1] or m3 % 3 or o[0].shape[1] != hd or int(heads) < 1 \
+            or hd % int(heads):
+        raise InputError(f"attention_block needs x [B, S, K], a stacked Q/K/V weight [3*H*D, K] "
+                         f"with H = {heads} dividing H*D, and an output weight [M, H*D]; got x "
+                         f"{x.shape}, weights {qkv[0].shape} and {o[0].shape}")
     b, s, _ = x.shape
     shape = (b, s, o[0].shape[0])
     mask, strides = _mask_strides(mask, (b, int(heads), s, s))
     code, lo, hi = _act(act)
     y = _out(out, shape, "attention_block")
-    _core.attention_block(x, *_norm_args(ln, x.shape[-1]), q[0]._h, _vec(q[1], hd, "query bias"), k[0]._h,
-                          _vec(k[1], hd, "key bias"), v[0]._h, _vec(v[1], hd, "value bias"),
+    _core.attention_block(x, *_norm_args(ln, k), qkv[0]._h, _vec(qkv[1], m3, "projection bias"),
                           int(heads), float(scale), mask, *strides, o[0]._h,
                           _vec(o[1], shape[2], "output bias"), code, lo, hi,
                           _same(residual, shape, "attention_block residual"), y)

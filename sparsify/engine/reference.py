@@ -279,14 +279,13 @@ def attention(q, k, v, heads, scale=1.0, mask=None, out=None):
     return y
 
 
-def attention_block(x, q, k, v, o, heads, scale=1.0, mask=None, act="none", out=None, *,
+def attention_block(x, qkv, o, heads, scale=1.0, mask=None, act="none", out=None, *,
                     residual=None, ln=None):
-    """Projections, attention and output projection; q, k, v, o are (weight, bias) pairs."""
+    """Stacked Q/K/V projection, attention and output projection; qkv and o are (weight, bias)."""
     if ln is not None:
         x = layer_norm(x, *ln)
-    ctx = attention(linear(q[0], x, q[1]), linear(k[0], x, k[1]), linear(v[0], x, v[1]), heads,
-                    scale, mask)
-    return linear(o[0], ctx, o[1], act, out, residual=residual)
+    q, k, v = np.split(linear(qkv[0], x, qkv[1]), 3, axis=-1)
+    return linear(o[0], attention(q, k, v, heads, scale, mask), o[1], act, out, residual=residual)
 
 
 def retain_freed_memory() -> bool:

@@ -373,17 +373,22 @@ def test_attention_block(isa, kind, b, s, k, heads, d, m, mask):
     bs = [rng.standard_normal(w.shape[0]).astype(np.float32) for w in ws]
     res = rng.standard_normal((b, s, m)).astype(np.float32)
     msk = None if mask is None else (3 * rng.standard_normal(mask)).astype(np.float32)
-    packed = [(kernels.PackedWeight.pack(w, kind), bias) for w, bias in zip(ws, bs)]
+    wqkv, bqkv = np.concatenate(ws[:3]), np.concatenate(bs[:3])
+    qkv, o = (kernels.PackedWeight.pack(wqkv, kind), bqkv), (kernels.PackedWeight.pack(ws[3], kind), bs[3])
     for act, r in (("none", None), ("relu", res)):
-        want = reference.attention_block(x, *zip(ws, bs), heads, 0.3, msk, act, residual=r)
-        close(kernels.attention_block(x, *packed, heads, 0.3, msk, act, residual=r), want,
+        want = reference.attention_block(x, (wqkv, bqkv), (ws[3], bs[3]), heads, 0.3, msk, act,
+                                         residual=r)
+        close(kernels.attention_block(x, qkv, o, heads, 0.3, msk, act, residual=r), want,
               scale=float(np.abs(want).max()) + 1)
     ln = (rng.standard_normal(k).astype(np.float32), rng.standard_normal(k).astype(np.float32), 1e-5)
-    want = reference.attention_block(x, *zip(ws, bs), heads, 0.3, msk, residual=res, ln=ln)
-    close(kernels.attention_block(x, *packed, heads, 0.3, msk, residual=res, ln=ln), want,
-          scale=float(np.abs(want).max()) + 1)
+    want = reference.attention_block(x, (wqkv, None), (ws[3], bs[3]), heads, 0.3, msk,
+                                     residual=res, ln=ln)
+    close(kernels.attention_block(x, (qkv[0], None), o, heads, 0.3, msk, residual=res, ln=ln),
+          want, scale=float(np.abs(want).max()) + 1)
     with pytest.raises(InputError, match="attention_block needs"):
-        kernels.attention_block(x[0], *packed, heads)
+        kernels.attention_block(x[0], qkv, o, heads)
+    with pytest.raises(InputError, match="attention_block needs"):
+        kernels.attention_block(x, o, o, heads)
 
 
 def test_attention_edges_and_misuse():

@@ -182,15 +182,20 @@ NB_MODULE(_core, mod) {
 
   mod.def("linear_chain", [](nb::handle w1h, OptIn bias1, int act1, float lo1, float hi1,
                              nb::handle w2h, OptIn bias2, int act2, float lo2, float hi2, In x,
-                             OptIn ln_scale, OptIn ln_bias, float eps, OptIn res, Out y) {
+                             OptIn ln_scale, OptIn ln_bias, float eps, OptIn res, int layout,
+                             Out y) {
     SparseWeight* s1; DenseWeight* d1; int64_t m1, k1;
     SparseWeight* s2; DenseWeight* d2; int64_t m2, k2;
     weight_dims(w1h, s1, d1, m1, k1);
     weight_dims(w2h, s2, d2, m2, k2);
     expect(k2 == m1, "linear_chain: the second weight must take the first one's " + std::to_string(m1) + " outputs");
-    expect(x.ndim() == 2 && (int64_t)x.shape(1) == k1, "linear_chain: x must be [T, K] with K = " + std::to_string(k1) + ", got " + shape_of(x));
-    const int64_t t = (int64_t)x.shape(0);
-    check_out(y, {t, m2}, "linear_chain");
+    // feature-major operands are [K, T], token-major ones [T, K]
+    expect(layout >= 0 && layout <= (kInFM | kResFM | kOutFM), "linear_chain: bad layout");
+    const bool in_fm = layout & kInFM;
+    expect(x.ndim() == 2 && (int64_t)x.shape(in_fm ? 0 : 1) == k1, "linear_chain: x must be [T, K] (or [K, T] feature-major) with K = " + std::to_string(k1) + ", got " + shape_of(x));
+    const int64_t t = (int64_t)x.shape(in_fm ? 1 : 0);
+    if (layout & kOutFM) check_out(y, {m2, t}, "linear_chain");
+    else check_out(y, {t, m2}, "linear_chain");
     const ActArgs a1 = act_args(act1, lo1, hi1), a2 = act_args(act2, lo2, hi2);
     const float* b1 = vec_or_null(bias1, m1, "linear_chain first bias");
     const float* b2 = vec_or_null(bias2, m2, "linear_chain second bias");
@@ -200,11 +205,11 @@ NB_MODULE(_core, mod) {
     const WeightRef w1 = bind_weight(s1, d1, {}), w2 = bind_weight(s2, d2, {});
     nb::gil_scoped_release nogil;
     run_linear_chain(w1, m1, k1, b1, a1.act, a1.lo, a1.hi, w2, m2, b2, a2.act, a2.lo, a2.hi,
-                     x.data(), ln, t, r, y.data());
+                     x.data(), ln, t, r, layout, y.data());
   }, nb::arg("w1"), nb::arg("bias1").none(), nb::arg("act1"), nb::arg("lo1"), nb::arg("hi1"),
      nb::arg("w2"), nb::arg("bias2").none(), nb::arg("act2"), nb::arg("lo2"), nb::arg("hi2"),
      nb::arg("x"), nb::arg("ln_scale").none(), nb::arg("ln_bias").none(), nb::arg("eps"),
-     nb::arg("residual").none(), nb::arg("out"));
+     nb::arg("residual").none(), nb::arg("layout"), nb::arg("out"));
 
   mod.def("conv2d", [](nb::handle wh, In x, int kh, int kw, int sh, int sw_, int pt, int pl, int pb,
                        int pr, int dh, int dw_, int group, OptIn bias, int act, float lo, float hi,
@@ -325,9 +330,13 @@ NB_MODULE(_core, mod) {
   mod.def("attention_block", [](In x, OptIn ln_scale, OptIn ln_bias, float eps, nb::handle wqkvh,
                                 OptIn bqkv, int64_t heads, float scale, OptIn mask, int64_t msb,
                                 int64_t msh, int64_t msr, nb::handle woh, OptIn bo, int act,
-                                float lo, float hi, OptIn res, Out y) {
+                                float lo, float hi, OptIn res, int layout, Out y) {
+    // feature-major operands are [K, B, S], token-major ones [B, S, K]
+    expect(layout >= 0 && layout <= (kInFM | kResFM | kOutFM), "attention_block: bad layout");
+    const bool in_fm = layout & kInFM;
     expect(x.ndim() == 3, "attention_block: x must be [B, S, K], got " + shape_of(x));
-    const int64_t B = (int64_t)x.shape(0), S = (int64_t)x.shape(1), K = (int64_t)x.shape(2);
+    const int64_t B = (int64_t)x.shape(in_fm ? 1 : 0), S = (int64_t)x.shape(in_fm ? 2 : 1),
+                  K = (int64_t)x.shape(in_fm ? 0 : 2);
     SparseWeight* sq; DenseWeight* dq; int64_t m3, k;
     weight_dims(wqkvh, sq, dq, m3, k);
     expect(k == K && m3 % 3 == 0, "attention_block: the stacked Q, K, V weight must be [3*H*D, " + std::to_string(K) + "]");
@@ -336,7 +345,8 @@ NB_MODULE(_core, mod) {
     SparseWeight* so; DenseWeight* dout; int64_t M, ko;
     weight_dims(woh, so, dout, M, ko);
     expect(ko == hd, "attention_block: the output weight must take the " + std::to_string(hd) + " attention outputs");
-    check_out(y, {B, S, M}, "attention_block");
+    if (layout & kOutFM) check_out(y, {M, B, S}, "attention_block");
+    else check_out(y, {B, S, M}, "attention_block");
     const ActArgs a = act_args(act, lo, hi);
     const float* bqkv_p = vec_or_null(bqkv, m3, "attention_block projection bias");
     const float* bo_p = vec_or_null(bo, M, "attention_block output bias");
@@ -353,12 +363,12 @@ NB_MODULE(_core, mod) {
     const RowNorm* ln = row_norm(ln_scale, ln_bias, eps, K, norm);
     nb::gil_scoped_release nogil;
     run_attention_block(x.data(), ln, B, S, K, wqkv, bqkv_p, heads, hd / heads, scale, m, msb, msh,
-                        msr, wo, M, bo_p, r, a.act, a.lo, a.hi, y.data());
+                        msr, wo, M, bo_p, r, a.act, a.lo, a.hi, layout, y.data());
   }, nb::arg("x"), nb::arg("ln_scale").none(), nb::arg("ln_bias").none(), nb::arg("eps"),
      nb::arg("wqkv"), nb::arg("bqkv").none(), nb::arg("heads"), nb::arg("scale"),
      nb::arg("mask").none(), nb::arg("msb"), nb::arg("msh"), nb::arg("msr"), nb::arg("wo"),
      nb::arg("bo").none(), nb::arg("act"), nb::arg("lo"), nb::arg("hi"), nb::arg("residual").none(),
-     nb::arg("out"));
+     nb::arg("layout"), nb::arg("out"));
 
   // glibc returns every freed block above its (adaptive) mmap threshold, and the top of the
   // heap above the trim threshold, to the OS, so each run's fresh activation arrays page-fault

@@ -95,6 +95,11 @@ void run_linear(const WeightRef& w, int64_t M, int64_t K, const float* x, const 
                 int64_t t, const float* bias, const float* res, int act, float lo, float hi,
                 float* y);
 
+// Which of a block's activations (input, residual, output) are feature-major [features, T]
+// rather than token-major [T, features]: between two blocks the residual stream can stay
+// feature-major, so neither block transposes it.
+enum BlockLayout : int { kInFM = 1, kResFM = 2, kOutFM = 4 };
+
 // Layer normalization over the last axis applied to a layer's input on its way in (null: none).
 struct RowNorm {
   const float* scale;
@@ -108,7 +113,7 @@ struct RowNorm {
 void run_linear_chain(const WeightRef& w1, int64_t M1, int64_t K1, const float* bias1, int act1,
                       float lo1, float hi1, const WeightRef& w2, int64_t M2, const float* bias2,
                       int act2, float lo2, float hi2, const float* x, const RowNorm* ln,
-                      int64_t T, const float* res, float* y);
+                      int64_t T, const float* res, int layout, float* y);
 
 struct ConvShape {
   int64_t n, c, h, w, m, oh, ow;
@@ -166,7 +171,7 @@ void run_attention_block(const float* x, const RowNorm* ln, int64_t B, int64_t S
                          float scale,
                          const float* mask, int64_t msb, int64_t msh, int64_t msr,
                          const WeightRef& wo, int64_t M, const float* bo, const float* res,
-                         int act, float lo, float hi, float* y);
+                         int act, float lo, float hi, int layout, float* y);
 
 // The GEMM drivers of gemm.cpp for linear.cpp: a sparse weight's rows [m0, m0 + rows); the
 // dense panel GEMM split over threads, or on the calling thread for columns [c0, c1).

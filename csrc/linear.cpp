@@ -4,6 +4,7 @@
 #include <xmmintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -170,6 +171,62 @@ Epilogue bias_act(const float* bias, int act, float lo, float hi) {
   return ep;
 }
 
+// Layer normalization of each column of a feature-major x [K, T]: 64 tokens side by side, so
+// the statistics accumulate as whole vectors down the features.
+void layer_norm_columns(const float* x, int64_t K, int64_t T, const RowNorm& ln, float* y) {
+  constexpr int64_t C = 64;
+  parallel_range(ceil_div(T, C), K * T < kSerialWork, [&](int64_t blk) {
+    const int64_t t0 = blk * C, n = std::min(C, T - t0);
+    float mean[C] = {}, inv[C] = {};
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t i = 0; i < n; ++i) mean[i] += x[k * T + t0 + i];
+    for (int64_t i = 0; i < n; ++i) mean[i] /= (float)K;
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t i = 0; i < n; ++i) {
+        const float d = x[k * T + t0 + i] - mean[i];
+        inv[i] += d * d;
+      }
+    for (int64_t i = 0; i < n; ++i) inv[i] = 1.f / std::sqrt(inv[i] / (float)K + ln.eps);
+    for (int64_t k = 0; k < K; ++k) {
+      const float sc = ln.scale[k], b = ln.bias ? ln.bias[k] : 0.f;
+      const float* r = x + k * T + t0;
+      float* o = y + k * T + t0;
+      for (int64_t i = 0; i < n; ++i) o[i] = (r[i] - mean[i]) * inv[i] * sc + b;
+    }
+  });
+}
+
+// A block's input as its first GEMM reads it: feature-major, normalized when ln is given.
+const float* block_input(const float* x, int64_t T, int64_t K, const RowNorm* ln, int layout) {
+  if (!(layout & kInFM)) return feature_major(x, T, K, ln);
+  if (!ln) return x;
+  float* xt = t_xt.get(K * T);
+  layer_norm_columns(x, K, T, *ln, xt);
+  return xt;
+}
+
+// y = act(W xfm + bias + res) in the layouts `layout` asks for. A feature-major residual
+// joins in the GEMM's epilogue; a token-major one on the way through a transpose.
+void block_output(const WeightRef& w, int64_t M, int64_t K, const float* xfm, int64_t T,
+                  const float* bias, const float* res, int act, float lo, float hi, int layout,
+                  float* y) {
+  const bool res_fm = res && (layout & kResFM);
+  Epilogue ep = bias_act(bias, res && !res_fm ? kActNone : act, lo, hi);
+  if (res_fm) {
+    ep.res = res;
+    ep.ld_res = T;
+  }
+  if ((layout & kOutFM) && (!res || res_fm)) {
+    gemm_feature_major(w, M, K, xfm, T, ep, y);
+    return;
+  }
+  float* yt = t_yt.get(M * T);
+  gemm_feature_major(w, M, K, xfm, T, ep, yt);
+  if (layout & kOutFM) transpose_out(res, T, M, yt, act, lo, hi, y);  // y[m, t] = res[t, m] + ..
+  else if (res_fm) transpose_out(yt, M, T, nullptr, kActNone, 0.f, 0.f, y);
+  else transpose_out(yt, M, T, res, res ? act : kActNone, lo, hi, y);
+}
+
 }  // namespace
 
 void run_linear(const WeightRef& w, int64_t M, int64_t K, const float* x, const int64_t* koff,
@@ -186,15 +243,13 @@ void run_linear(const WeightRef& w, int64_t M, int64_t K, const float* x, const 
 void run_linear_chain(const WeightRef& w1, int64_t M1, int64_t K1, const float* bias1, int act1,
                       float lo1, float hi1, const WeightRef& w2, int64_t M2, const float* bias2,
                       int act2, float lo2, float hi2, const float* x, const RowNorm* ln,
-                      int64_t T, const float* res, float* y) {
+                      int64_t T, const float* res, int layout, float* y) {
   if (M2 <= 0 || T <= 0) return;
   // the hidden activation is already feature-major, the layout the second layer reads
   float* h = t_h.get(M1 * T);
-  gemm_feature_major(w1, M1, K1, feature_major(x, T, K1, ln), T, bias_act(bias1, act1, lo1, hi1),
-                     h);
-  float* yt = t_yt.get(M2 * T);
-  gemm_feature_major(w2, M2, M1, h, T, bias_act(bias2, res ? kActNone : act2, lo2, hi2), yt);
-  transpose_out(yt, M2, T, res, res ? act2 : kActNone, lo2, hi2, y);
+  gemm_feature_major(w1, M1, K1, block_input(x, T, K1, ln, layout), T,
+                     bias_act(bias1, act1, lo1, hi1), h);
+  block_output(w2, M2, M1, h, T, bias2, res, act2, lo2, hi2, layout, y);
 }
 
 // The left operand changes every call, so it is packed into panels per batch item here (a
@@ -315,10 +370,10 @@ void run_attention_block(const float* x, const RowNorm* ln, int64_t B, int64_t S
                          float scale,
                          const float* mask, int64_t msb, int64_t msh, int64_t msr,
                          const WeightRef& wo, int64_t M, const float* bo, const float* res,
-                         int act, float lo, float hi, float* y) {
+                         int act, float lo, float hi, int layout, float* y) {
   const int64_t T = B * S, HD = H * D;
   if (T <= 0 || M <= 0) return;
-  const float* xfm = feature_major(x, T, K, ln);
+  const float* xfm = block_input(x, T, K, ln, layout);
   // one GEMM for the three projections: X's tiles are packed once, one split over threads
   float* qkv = t_qkv.get(3 * HD * T);
   gemm_feature_major(wqkv, 3 * HD, K, xfm, T, bias_act(bqkv, kActNone, 0.f, 0.f), qkv);
@@ -338,9 +393,7 @@ void run_attention_block(const float* x, const RowNorm* ln, int64_t B, int64_t S
   } else {
     parallel_for(items, head);
   }
-  float* yt = t_yt.get(M * T);
-  gemm_feature_major(wo, M, HD, ctx, T, bias_act(bo, res ? kActNone : act, lo, hi), yt);
-  transpose_out(yt, M, T, res, res ? act : kActNone, lo, hi, y);
+  block_output(wo, M, HD, ctx, T, bo, res, act, lo, hi, layout, y);
 }
 
 }  // namespace sparsify

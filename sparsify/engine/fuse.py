@@ -58,6 +58,7 @@ class StepSrc:
     linear: tuple | None = None  # a linear layer's (packed weight, bias, act, residual?, guarded?)
     attention: tuple | None = None  # an attention step's (heads, scale)
     norm: tuple | None = None  # a last-axis LayerNormalization's (scale, bias, epsilon)
+    block: tuple | None = None  # a block's (fn for feature-major flags, has a residual?)
 
 
 def bind(op_type: str, attrs: dict, n_inputs: int, n_outputs: int, opset: int):
@@ -146,6 +147,7 @@ def fuse(nodes: list, consts: dict, shapes: dict, graph_outs: set, kind: str):
         placed.append((i, src))
     placed.sort(key=lambda p: p[0])  # stable: a fused step lands where its last node stood
     steps = chain_linears(attention_blocks([s for _, s in placed], graph_outs), graph_outs)
+    feature_major_streams(steps, graph_outs)
     reuse_buffers(steps, shapes, graph_outs)
     return steps, layers
 
@@ -381,10 +383,12 @@ def attention_blocks(steps: list, graph_outs: set) -> list:
             parts.insert(0, out[producer[x]])
             out[producer[x]] = None
             x = parts[0].inputs[0]
-        fn = _block_fn(qkv, o.linear, a.attention, len(a.inputs) > 3, norm and norm.norm)
+        make = functools.partial(_block_fn, qkv, o.linear, a.attention, len(a.inputs) > 3,
+                                 norm and norm.norm)
         out[r[0]] = StepSrc(f"{a.name}+projections", ("LayerNormalization+" if norm else "")
-                            + "AttentionBlock", [x] + a.inputs[3:] + o.inputs[1:], o.outputs, fn,
-                            native=True, sources=[n for p in parts for n in p.sources])
+                            + "AttentionBlock", [x] + a.inputs[3:] + o.inputs[1:], o.outputs,
+                            make(), native=True, sources=[n for p in parts for n in p.sources],
+                            block=(make, o.linear[3]))
         for p in proj + [k]:
             out[p] = None
     return [s for s in out if s is not None]
@@ -414,18 +418,23 @@ def _stacked(*linears):
     return kernels.PackedWeight.pack(w, kind=kind), bias
 
 
-def _block_fn(qkv, o, attention, has_mask, ln):
+def _block_fn(qkv, o, attention, has_mask, ln, fm=(False, False, False)):
     pw, bias, act, has_residual, guarded = o
     heads, scale = attention
+    m = pw.shape[0]
 
     def run(x, *rest):
         mask = rest[0] if has_mask else None
         res = rest[-1] if has_residual else None
-        if guarded and res.shape != x.shape[:-1] + (pw.shape[0],):  # the Add broadcasts
-            y = kernels.attention_block(x, qkv, (pw, bias), heads, scale, mask, ln=ln)
-            return _apply_act(np.add(y, res), act)
+        if guarded:
+            lead = x.shape[1:] if fm[0] else x.shape[:-1]
+            if res.shape != ((m,) + lead if fm[1] else lead + (m,)):  # the Add broadcasts
+                y = kernels.attention_block(x, qkv, (pw, bias), heads, scale, mask, ln=ln,
+                                            fm=(fm[0], False, False))
+                y = _apply_act(np.add(y, np.moveaxis(res, 0, -1) if fm[1] else res), act)
+                return np.ascontiguousarray(np.moveaxis(y, -1, 0)) if fm[2] else y
         return kernels.attention_block(x, qkv, (pw, bias), heads, scale, mask, act, residual=res,
-                                       ln=ln)
+                                       ln=ln, fm=fm)
     return run
 
 
@@ -473,19 +482,51 @@ def chain_linears(steps: list, graph_outs: set) -> list:
             out[producer[x]] = None
             x, parts, op = norm.inputs[0], [norm] + parts, "LayerNormalization>" + op
         out[k] = None
-        out[r[0]] = StepSrc(f"{a.name}>{b.name}", op, [x] + b.inputs[1:], b.outputs,
-                            _chain_fn(a.linear, b.linear, norm and norm.norm), native=True,
-                            sources=[n for p in parts for n in p.sources])
+        make = functools.partial(_chain_fn, a.linear, b.linear, norm and norm.norm)
+        out[r[0]] = StepSrc(f"{a.name}>{b.name}", op, [x] + b.inputs[1:], b.outputs, make(),
+                            native=True, sources=[n for p in parts for n in p.sources],
+                            block=(make, b.linear[3]))
     return [s for s in out if s is not None]
 
 
-def _chain_fn(first, second, ln):
+def _chain_fn(first, second, ln, fm=(False, False, False)):
     pw1, bias1, act1 = first[:3]
     pw2, bias2, act2, has_residual = second[:4]
     if has_residual:
         return lambda x, r: kernels.linear_chain(pw1, pw2, x, bias1, act1, bias2, act2,
-                                                 residual=r, ln=ln)
-    return lambda x: kernels.linear_chain(pw1, pw2, x, bias1, act1, bias2, act2, ln=ln)
+                                                 residual=r, ln=ln, fm=fm)
+    return lambda x: kernels.linear_chain(pw1, pw2, x, bias1, act1, bias2, act2, ln=ln, fm=fm)
+
+
+# ---------------------------------------------------------------- feature-major residual stream
+def feature_major_streams(steps: list, graph_outs: set) -> None:
+    """Keep values that only pass between blocks (attention and feed-forward steps, as input or
+    residual) feature-major: a transformer's residual stream then crosses from layer to layer
+    without a transpose at either end. Rewrites the blocks' functions in place."""
+    readers: dict[str, list[int]] = {}
+    for k, s in enumerate(steps):
+        for x in s.inputs:
+            readers.setdefault(x, []).append(k)
+
+    def stream_slots(s):
+        return (0, len(s.inputs) - 1) if s.block[1] else (0,)
+
+    fm_values = set()
+    for s in steps:
+        v = s.outputs[0]
+        if s.block is None or v in graph_outs or not readers.get(v):
+            continue
+        if all(steps[k].block is not None and all(i in stream_slots(steps[k])
+                                                  for i, x in enumerate(steps[k].inputs) if x == v)
+               for k in readers[v]):
+            fm_values.add(v)
+    for s in steps:
+        if s.block is None:
+            continue
+        fm = (s.inputs[0] in fm_values, s.block[1] and s.inputs[-1] in fm_values,
+              s.outputs[0] in fm_values)
+        if any(fm):
+            s.fn = s.block[0](fm=fm)
 
 
 # ---------------------------------------------------------------- buffer reuse

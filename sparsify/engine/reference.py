@@ -103,14 +103,27 @@ def linear(pw, x, bias=None, act="none", out=None, *, residual=None):
     return y
 
 
+def _token_major(a, fm):
+    return a if a is None or not fm else np.moveaxis(a, 0, -1)
+
+
+def _finish(y, fm, out):
+    y = np.ascontiguousarray(np.moveaxis(y, -1, 0)) if fm else y
+    if out is not None:
+        out[...] = y
+        return out
+    return y
+
+
 def linear_chain(pw1, pw2, x, bias1=None, act1="none", bias2=None, act2="none", out=None, *,
-                 residual=None, ln=None):
+                 residual=None, ln=None, fm=(False, False, False)):
     """Two linear layers: ``linear(linear(x, pw1, bias1, act1), pw2, bias2, act2, residual)``,
-    after ``layer_norm(x, *ln)`` when ln is given."""
+    after ``layer_norm(x, *ln)`` when ln is given; fm flags feature-major (x, residual, result)."""
+    x, residual = _token_major(x, fm[0]), _token_major(residual, fm[1])
     if ln is not None:
         x = layer_norm(x, *ln)
     h = linear(pw1, x, bias1, act1)
-    return linear(pw2, h, bias2, act2, out, residual=residual)
+    return _finish(linear(pw2, h, bias2, act2, residual=residual), fm[2], out)
 
 
 def _patches(x, kernel_shape, strides, pads, dilations, pad_value=0.0, ceil_mode=0):
@@ -280,12 +293,14 @@ def attention(q, k, v, heads, scale=1.0, mask=None, out=None):
 
 
 def attention_block(x, qkv, o, heads, scale=1.0, mask=None, act="none", out=None, *,
-                    residual=None, ln=None):
+                    residual=None, ln=None, fm=(False, False, False)):
     """Stacked Q/K/V projection, attention and output projection; qkv and o are (weight, bias)."""
+    x, residual = _token_major(x, fm[0]), _token_major(residual, fm[1])
     if ln is not None:
         x = layer_norm(x, *ln)
     q, k, v = np.split(linear(qkv[0], x, qkv[1]), 3, axis=-1)
-    return linear(o[0], attention(q, k, v, heads, scale, mask), o[1], act, out, residual=residual)
+    y = linear(o[0], attention(q, k, v, heads, scale, mask), o[1], act, residual=residual)
+    return _finish(y, fm[2], out)
 
 
 def retain_freed_memory() -> bool:

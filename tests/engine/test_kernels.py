@@ -144,6 +144,12 @@ def test_linear_chain(isa, kinds, t, k, h, m):
         want = reference.linear_chain(w1, w2, x, b1, "gelu", b2, residual=res, ln=norm)
         close(kernels.linear_chain(p1, p2, x, b1, "gelu", b2, residual=res, ln=norm), want,
               scale=float(np.abs(want).max()) + 1)
+    fm_of = lambda a: np.ascontiguousarray(np.moveaxis(a, -1, 0))  # noqa: E731
+    for fm in [(True, False, False), (False, True, True), (True, True, False), (False, False, True)]:
+        xx, rr = fm_of(x) if fm[0] else x, fm_of(res) if fm[1] else res
+        want = reference.linear_chain(w1, w2, xx, b1, "gelu", b2, residual=rr, ln=ln, fm=fm)
+        close(kernels.linear_chain(p1, p2, xx, b1, "gelu", b2, residual=rr, ln=ln, fm=fm), want,
+              scale=float(np.abs(want).max()) + 1)
     with pytest.raises(InputError, match="cannot take"):
         kernels.linear_chain(p1, kernels.PackedWeight.pack(np.ones((2, h + 1), np.float32)), x)
 
@@ -385,6 +391,13 @@ def test_attention_block(isa, kind, b, s, k, heads, d, m, mask):
                                      residual=res, ln=ln)
     close(kernels.attention_block(x, (qkv[0], None), o, heads, 0.3, msk, residual=res, ln=ln),
           want, scale=float(np.abs(want).max()) + 1)
+    fm_of = lambda a: np.ascontiguousarray(np.moveaxis(a, -1, 0))  # noqa: E731
+    for fm in [(True, False, False), (False, True, True), (True, True, False), (False, False, True)]:
+        xx, rr = fm_of(x) if fm[0] else x, fm_of(res) if fm[1] else res
+        want = reference.attention_block(x if not fm[0] else xx, (wqkv, bqkv), (ws[3], bs[3]), heads,
+                                         0.3, msk, "gelu", residual=rr, ln=ln, fm=fm)
+        close(kernels.attention_block(xx, qkv, o, heads, 0.3, msk, "gelu", residual=rr, ln=ln,
+                                      fm=fm), want, scale=float(np.abs(want).max()) + 1)
     with pytest.raises(InputError, match="attention_block needs"):
         kernels.attention_block(x[0], qkv, o, heads)
     with pytest.raises(InputError, match="attention_block needs"):

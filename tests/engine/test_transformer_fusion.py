@@ -174,3 +174,29 @@ def test_feed_forward_block_becomes_one_linear_chain(hidden_out, norm, onnx_chec
         ("LayerNormalization>" if norm else "") + "MatMul+Add+Relu>MatMul+Add+Add"]), ops
     feeds = {"x": np.random.default_rng(2).standard_normal((2, S, HD)).astype(np.float32)}
     onnx_check.assert_same(engine.run(feeds), onnx_check.ort_run(model, feeds), 1e-4)
+
+
+def test_residual_stream_between_blocks_stays_feature_major(onnx_check):
+    """Two pre-norm feed-forward blocks: the stream between them is handed over feature-major
+    (the first block writes it so, the second reads it as input and as residual)."""
+    rng = np.random.default_rng(3)
+    inits, nodes, x = {}, [], "x"
+    for i in range(2):
+        inits.update({f"g{i}": rng.standard_normal(HD).astype(np.float32),
+                      f"w1{i}": (rng.standard_normal((HD, 2 * HD)) / 6).astype(np.float32),
+                      f"w2{i}": (rng.standard_normal((2 * HD, HD)) / 8).astype(np.float32)})
+        nodes += [helper.make_node("LayerNormalization", [x, f"g{i}"], [f"n{i}"], axis=-1),
+                  helper.make_node("MatMul", [f"n{i}", f"w1{i}"], [f"h{i}"]),
+                  helper.make_node("Relu", [f"h{i}"], [f"a{i}"]),
+                  helper.make_node("MatMul", [f"a{i}", f"w2{i}"], [f"o{i}"]),
+                  helper.make_node("Add", [x, f"o{i}"], [f"r{i}"])]
+        x = f"r{i}"
+    graph = helper.make_graph(
+        nodes, "two_blocks", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", S, HD])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["b", S, HD])],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    engine = Engine(model)
+    assert [s.op for s in engine.plan.steps] == ["LayerNormalization>MatMul+Relu>MatMul+Add"] * 2
+    feeds = {"x": np.random.default_rng(4).standard_normal((2, S, HD)).astype(np.float32)}
+    onnx_check.assert_same(engine.run(feeds), onnx_check.ort_run(model, feeds), 1e-4)

@@ -23,7 +23,7 @@ def _i64(*v):
 
 
 def attention_model(scale_op="Div", mask=True, static_shapes=False, k_perm=(0, 2, 3, 1),
-                    scores_out=False, out_proj=False, norm=False):
+                    scores_out=False, out_proj=False, norm=False, residual="x"):
     rng = np.random.default_rng(0)
     inits = {"i0": np.array(0, np.int64), "i1": np.array(1, np.int64), "ax0": _i64(0),
              "h": _i64(HEADS), "d": _i64(D), "hd": _i64(HD), "c": np.array(np.sqrt(D), np.float32),
@@ -75,13 +75,15 @@ def attention_model(scale_op="Div", mask=True, static_shapes=False, k_perm=(0, 2
         inits["bo"] = rng.standard_normal(HD).astype(np.float32)
         nodes += [helper.make_node("MatMul", ["y", "wo"], ["om"]),
                   helper.make_node("Add", ["bo", "om"], ["oa"]),
-                  helper.make_node("Add", ["x", "oa"], ["z"])]
+                  helper.make_node("Add", [residual, "oa"], ["z"])]
         outs = [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", S, HD])]
     if scores_out:
         outs.append(helper.make_tensor_value_info("sc", TensorProto.FLOAT, None))
     ins = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", S, HD])]
     if mask:
         ins.append(helper.make_tensor_value_info("m", TensorProto.FLOAT, ["batch", S]))
+    if residual != "x":  # a residual the Add broadcasts: the step checks its shape per call
+        ins.append(helper.make_tensor_value_info(residual, TensorProto.FLOAT, [S, HD]))
     graph = helper.make_graph(nodes, "attention", ins, outs,
                               [numpy_helper.from_array(v, k) for k, v in inits.items()])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
@@ -119,6 +121,15 @@ def test_attention_sublayer_with_projections_becomes_one_step(static_shapes, nor
     assert sorted(s.op for s in engine.plan.steps) == [block, "Unsqueeze"]
     for batch in (1, 2):
         feeds = _feeds(batch)
+        onnx_check.assert_same(engine.run(feeds), onnx_check.ort_run(model, feeds), 1e-4)
+
+
+def test_attention_sublayer_with_a_broadcast_residual(onnx_check):
+    model = attention_model(out_proj=True, residual="r")
+    engine = Engine(model)
+    assert sorted(s.op for s in engine.plan.steps) == ["AttentionBlock", "Unsqueeze"]
+    for batch in (1, 2):
+        feeds = dict(_feeds(batch), r=np.random.default_rng(5).standard_normal((S, HD)).astype(np.float32))
         onnx_check.assert_same(engine.run(feeds), onnx_check.ort_run(model, feeds), 1e-4)
 
 

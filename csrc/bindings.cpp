@@ -106,6 +106,15 @@ ConvShape conv_shape(const In& x, int64_t m, const Out& y, int kh, int kw, int s
   return s;
 }
 
+// An optional layer normalization of a layer's input rows (scale null: none).
+const RowNorm* row_norm(const OptIn& scale, const OptIn& bias, float eps, int64_t n, RowNorm& ln) {
+  if (!scale) return nullptr;
+  ln.scale = vec_or_null(scale, n, "layer norm scale");
+  ln.bias = vec_or_null(bias, n, "layer norm bias");
+  ln.eps = eps;
+  return &ln;
+}
+
 }  // namespace
 
 NB_MODULE(_core, mod) {
@@ -170,6 +179,37 @@ NB_MODULE(_core, mod) {
     run_linear(w, m, k, x.data(), koff.data(), t, b, r, a.act, a.lo, a.hi, y.data());
   }, nb::arg("w"), nb::arg("x"), nb::arg("bias").none(), nb::arg("act"), nb::arg("lo"), nb::arg("hi"),
      nb::arg("residual").none(), nb::arg("out"));
+
+  mod.def("linear_chain", [](nb::handle w1h, OptIn bias1, int act1, float lo1, float hi1,
+                             nb::handle w2h, OptIn bias2, int act2, float lo2, float hi2, In x,
+                             OptIn ln_scale, OptIn ln_bias, float eps, OptIn res, int layout,
+                             Out y) {
+    SparseWeight* s1; DenseWeight* d1; int64_t m1, k1;
+    SparseWeight* s2; DenseWeight* d2; int64_t m2, k2;
+    weight_dims(w1h, s1, d1, m1, k1);
+    weight_dims(w2h, s2, d2, m2, k2);
+    expect(k2 == m1, "linear_chain: the second weight must take the first one's " + std::to_string(m1) + " outputs");
+    // feature-major operands are [K, T], token-major ones [T, K]
+    expect(layout >= 0 && layout <= (kInFM | kResFM | kOutFM), "linear_chain: bad layout");
+    const bool in_fm = layout & kInFM;
+    expect(x.ndim() == 2 && (int64_t)x.shape(in_fm ? 0 : 1) == k1, "linear_chain: x must be [T, K] (or [K, T] feature-major) with K = " + std::to_string(k1) + ", got " + shape_of(x));
+    const int64_t t = (int64_t)x.shape(in_fm ? 1 : 0);
+    if (layout & kOutFM) check_out(y, {m2, t}, "linear_chain");
+    else check_out(y, {t, m2}, "linear_chain");
+    const ActArgs a1 = act_args(act1, lo1, hi1), a2 = act_args(act2, lo2, hi2);
+    const float* b1 = vec_or_null(bias1, m1, "linear_chain first bias");
+    const float* b2 = vec_or_null(bias2, m2, "linear_chain second bias");
+    const float* r = same_or_null(res, t * m2, "linear_chain residual");
+    RowNorm norm;
+    const RowNorm* ln = row_norm(ln_scale, ln_bias, eps, k1, norm);
+    const WeightRef w1 = bind_weight(s1, d1, {}), w2 = bind_weight(s2, d2, {});
+    nb::gil_scoped_release nogil;
+    run_linear_chain(w1, m1, k1, b1, a1.act, a1.lo, a1.hi, w2, m2, b2, a2.act, a2.lo, a2.hi,
+                     x.data(), ln, t, r, layout, y.data());
+  }, nb::arg("w1"), nb::arg("bias1").none(), nb::arg("act1"), nb::arg("lo1"), nb::arg("hi1"),
+     nb::arg("w2"), nb::arg("bias2").none(), nb::arg("act2"), nb::arg("lo2"), nb::arg("hi2"),
+     nb::arg("x"), nb::arg("ln_scale").none(), nb::arg("ln_bias").none(), nb::arg("eps"),
+     nb::arg("residual").none(), nb::arg("layout"), nb::arg("out"));
 
   mod.def("conv2d", [](nb::handle wh, In x, int kh, int kw, int sh, int sw_, int pt, int pl, int pb,
                        int pr, int dh, int dw_, int group, OptIn bias, int act, float lo, float hi,
@@ -257,6 +297,78 @@ NB_MODULE(_core, mod) {
     nb::gil_scoped_release nogil;
     run_batched_matmul(a.data(), x.data(), b, m, k, n, y.data());
   }, nb::arg("a"), nb::arg("x"), nb::arg("out"));
+
+  mod.def("attention", [](In q, In k, In v, int64_t heads, float scale, OptIn mask, int64_t msb,
+                          int64_t msh, int64_t msr, Out y) {
+    expect(q.ndim() == 3 && k.ndim() == 3 && v.ndim() == 3 && q.shape(0) == k.shape(0) &&
+           k.shape(0) == v.shape(0) && k.shape(1) == v.shape(1) && q.shape(2) == k.shape(2) &&
+           k.shape(2) == v.shape(2), "attention: q must be [B, Sq, H*D], k and v [B, Sk, H*D], got " +
+           shape_of(q) + ", " + shape_of(k) + ", " + shape_of(v));
+    const int64_t hd = (int64_t)q.shape(2);
+    expect(heads > 0 && hd % heads == 0, "attention: heads must divide the last axis");
+    AttentionShape s;
+    s.B = (int64_t)q.shape(0);
+    s.H = heads;
+    s.Sq = (int64_t)q.shape(1);
+    s.Sk = (int64_t)k.shape(1);
+    s.D = hd / heads;
+    s.ldq = s.ldk = s.ldv = s.ldo = hd;
+    check_out(y, {s.B, s.Sq, hd}, "attention");
+    const float* m = nullptr;
+    if (mask) {
+      expect(msb >= 0 && msh >= 0 && msr >= 0, "attention: mask strides must be non-negative");
+      const int64_t last = (s.B - 1) * msb + (s.H - 1) * msh + (s.Sq - 1) * msr + s.Sk;
+      expect(numel(*mask) >= last, "attention: mask strides reach past the mask");
+      m = mask->data();
+      s.msb = msb; s.msh = msh; s.msr = msr;
+    }
+    nb::gil_scoped_release nogil;
+    run_attention(q.data(), k.data(), v.data(), s, scale, m, y.data());
+  }, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("heads"), nb::arg("scale"),
+     nb::arg("mask").none(), nb::arg("msb"), nb::arg("msh"), nb::arg("msr"), nb::arg("out"));
+
+  mod.def("attention_block", [](In x, OptIn ln_scale, OptIn ln_bias, float eps, nb::handle wqkvh,
+                                OptIn bqkv, int64_t heads, float scale, OptIn mask, int64_t msb,
+                                int64_t msh, int64_t msr, nb::handle woh, OptIn bo, int act,
+                                float lo, float hi, OptIn res, int layout, Out y) {
+    // feature-major operands are [K, B, S], token-major ones [B, S, K]
+    expect(layout >= 0 && layout <= (kInFM | kResFM | kOutFM), "attention_block: bad layout");
+    const bool in_fm = layout & kInFM;
+    expect(x.ndim() == 3, "attention_block: x must be [B, S, K], got " + shape_of(x));
+    const int64_t B = (int64_t)x.shape(in_fm ? 1 : 0), S = (int64_t)x.shape(in_fm ? 2 : 1),
+                  K = (int64_t)x.shape(in_fm ? 0 : 2);
+    SparseWeight* sq; DenseWeight* dq; int64_t m3, k;
+    weight_dims(wqkvh, sq, dq, m3, k);
+    expect(k == K && m3 % 3 == 0, "attention_block: the stacked Q, K, V weight must be [3*H*D, " + std::to_string(K) + "]");
+    const int64_t hd = m3 / 3;
+    expect(heads > 0 && hd % heads == 0, "attention_block: heads must divide the projections' outputs");
+    SparseWeight* so; DenseWeight* dout; int64_t M, ko;
+    weight_dims(woh, so, dout, M, ko);
+    expect(ko == hd, "attention_block: the output weight must take the " + std::to_string(hd) + " attention outputs");
+    if (layout & kOutFM) check_out(y, {M, B, S}, "attention_block");
+    else check_out(y, {B, S, M}, "attention_block");
+    const ActArgs a = act_args(act, lo, hi);
+    const float* bqkv_p = vec_or_null(bqkv, m3, "attention_block projection bias");
+    const float* bo_p = vec_or_null(bo, M, "attention_block output bias");
+    const float* r = same_or_null(res, B * S * M, "attention_block residual");
+    const float* m = nullptr;
+    if (mask) {
+      expect(msb >= 0 && msh >= 0 && msr >= 0, "attention_block: mask strides must be non-negative");
+      expect(numel(*mask) >= (B - 1) * msb + (heads - 1) * msh + (S - 1) * msr + S,
+             "attention_block: mask strides reach past the mask");
+      m = mask->data();
+    }
+    const WeightRef wqkv = bind_weight(sq, dq, {}), wo = bind_weight(so, dout, {});
+    RowNorm norm;
+    const RowNorm* ln = row_norm(ln_scale, ln_bias, eps, K, norm);
+    nb::gil_scoped_release nogil;
+    run_attention_block(x.data(), ln, B, S, K, wqkv, bqkv_p, heads, hd / heads, scale, m, msb, msh,
+                        msr, wo, M, bo_p, r, a.act, a.lo, a.hi, layout, y.data());
+  }, nb::arg("x"), nb::arg("ln_scale").none(), nb::arg("ln_bias").none(), nb::arg("eps"),
+     nb::arg("wqkv"), nb::arg("bqkv").none(), nb::arg("heads"), nb::arg("scale"),
+     nb::arg("mask").none(), nb::arg("msb"), nb::arg("msh"), nb::arg("msr"), nb::arg("wo"),
+     nb::arg("bo").none(), nb::arg("act"), nb::arg("lo"), nb::arg("hi"), nb::arg("residual").none(),
+     nb::arg("layout"), nb::arg("out"));
 
   // glibc returns every freed block above its (adaptive) mmap threshold, and the top of the
   // heap above the trim threshold, to the OS, so each run's fresh activation arrays page-fault

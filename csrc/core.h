@@ -95,6 +95,26 @@ void run_linear(const WeightRef& w, int64_t M, int64_t K, const float* x, const 
                 int64_t t, const float* bias, const float* res, int act, float lo, float hi,
                 float* y);
 
+// Which of a block's activations (input, residual, output) are feature-major [features, T]
+// rather than token-major [T, features]: between two blocks the residual stream can stay
+// feature-major, so neither block transposes it.
+enum BlockLayout : int { kInFM = 1, kResFM = 2, kOutFM = 4 };
+
+// Layer normalization over the last axis applied to a layer's input on its way in (null: none).
+struct RowNorm {
+  const float* scale;
+  const float* bias;  // may be null
+  float eps;
+};
+
+// y = act2(act1(X W1^T + bias1) W2^T + bias2 + res) for X [T, K1] (normalized by ln first): two linear layers whose
+// hidden [T, M1] activation nothing else reads (a transformer's feed-forward block). The hidden
+// activation stays feature-major between them, skipping two whole-matrix transposes.
+void run_linear_chain(const WeightRef& w1, int64_t M1, int64_t K1, const float* bias1, int act1,
+                      float lo1, float hi1, const WeightRef& w2, int64_t M2, const float* bias2,
+                      int act2, float lo2, float hi2, const float* x, const RowNorm* ln,
+                      int64_t T, const float* res, int layout, float* y);
+
 struct ConvShape {
   int64_t n, c, h, w, m, oh, ow;
   int kh, kw, sh, sw, pt, pl, pb, pr, dh, dw, group;
@@ -132,5 +152,41 @@ void run_layer_norm(const float* x, int64_t rows, int64_t n, const float* scale,
 // y[b] = a[b] @ x[b] for a [batch, M, K], x [batch, K, N] (attention: activations on both sides).
 void run_batched_matmul(const float* a, const float* x, int64_t batch, int64_t M, int64_t K,
                         int64_t N, float* y);
+
+// Scaled dot-product attention over tokens stored [B, S, H * D] (what the Q/K/V projections
+// write): out(b, s, h, :) = sum_t softmax_t(scale * Q(b, h, s, :) . K(b, h, t, :) + mask) V(b, h, t, :)
+// with Q(b, h, s, d) = q[(b * Sq + s) * ldq + h * D + d] (K, V, out alike, Sk tokens for K and V)
+// and mask(b, h, s, t) = mask[b * msb + h * msh + s * msr + t] (strides 0 broadcast; null: none).
+struct AttentionShape {
+  int64_t B, H, Sq, Sk, D, ldq, ldk, ldv, ldo;
+  int64_t msb = 0, msh = 0, msr = 0;
+};
+void run_attention(const float* q, const float* k, const float* v, const AttentionShape& s,
+                   float scale, const float* mask, float* out);
+
+// A whole self-attention sublayer on X [B * S, K] (normalized by ln first when given): the
+// Q, K, V projections stacked in one weight wqkv [3 * H * D, K] (bias bqkv), attention as in
+// run_attention (Sq = Sk = S), then the output projection wo [M, H * D] with bias, residual and
+// activation: y [B * S, M]. Between the projections everything stays feature-major, so X is
+// transposed once and only the result is transposed back.
+void run_attention_block(const float* x, const RowNorm* ln, int64_t B, int64_t S, int64_t K,
+                         const WeightRef& wqkv, const float* bqkv, int64_t H, int64_t D,
+                         float scale,
+                         const float* mask, int64_t msb, int64_t msh, int64_t msr,
+                         const WeightRef& wo, int64_t M, const float* bo, const float* res,
+                         int act, float lo, float hi, int layout, float* y);
+
+// The GEMM drivers of gemm.cpp for linear.cpp: a sparse weight's rows [m0, m0 + rows); the
+// dense panel GEMM split over threads, or on the calling thread for columns [c0, c1).
+void pack_weight_panels(const float* w, int64_t m, int64_t k, float* dst);
+void sparse_gemm_rows(const WeightRef& w, int64_t m0, int64_t rows, const float* x,
+                      const int64_t* koff, int64_t cs, int64_t n, float* y, int64_t ldy,
+                      const Epilogue& ep);
+void dense_gemm_threaded(const float* wp, int64_t rows, int64_t K, const float* x,
+                         const int64_t* koff, int64_t cs, int64_t n, float* y, int64_t ldy,
+                         const Epilogue& ep);
+void dense_gemm_serial(const float* wp, int64_t rows, int64_t K, const float* x,
+                       const int64_t* koff, int64_t cs, int64_t c0, int64_t c1, float* y,
+                       int64_t ldy, const Epilogue& ep);
 
 }  // namespace sparsify

@@ -1,6 +1,4 @@
 // Packing of constant weights and the GEMM drivers (blocking, threading) over the kernel table.
-#include <xmmintrin.h>
-
 #include <algorithm>
 #include <cstring>
 #include <stdexcept>
@@ -18,7 +16,7 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // Work below this many multiply-adds runs on the calling thread: waking a worker costs more.
 constexpr int64_t kSerialWork = 32 * 1024;
 
-thread_local FloatBuf t_pack, t_yt, t_tile, t_apanels, t_xt, t_shared;
+thread_local FloatBuf t_pack, t_tile, t_shared;
 
 void pack_panels(const float* w, int64_t m, int64_t k, int64_t groups, float* dst) {
   const int64_t mg = m / groups, per_group = ceil_div(mg, kGemmMR);
@@ -206,64 +204,6 @@ void dense_gemm(const float* wp, int64_t rows, int64_t K, const float* x, const 
   });
 }
 
-// dst[c][r] = src[r][c] for a rows x cols block; the fixed 16 x 16 case unrolls to straight loads
-// and stores (a general strided loop with bounds checks ran at ~2.5 ns per element).
-// Built from 4 x 4 SSE register transposes (SSE is in every x86-64 build): the scalar element
-// loop cost ~0.4 ns per element, a fifth of the sparse linear layer's time on BERT's shapes.
-template <int R, int C>
-inline void transpose_fixed(const float* __restrict src, int64_t lds, float* __restrict dst,
-                            int64_t ldd) {
-  static_assert(R % 4 == 0 && C % 4 == 0, "blocks of 4 x 4");
-  for (int r = 0; r < R; r += 4)
-    for (int c = 0; c < C; c += 4) {
-      __m128 a = _mm_loadu_ps(src + (r + 0) * lds + c), b = _mm_loadu_ps(src + (r + 1) * lds + c);
-      __m128 e = _mm_loadu_ps(src + (r + 2) * lds + c), f = _mm_loadu_ps(src + (r + 3) * lds + c);
-      _MM_TRANSPOSE4_PS(a, b, e, f);
-      _mm_storeu_ps(dst + (c + 0) * ldd + r, a);
-      _mm_storeu_ps(dst + (c + 1) * ldd + r, b);
-      _mm_storeu_ps(dst + (c + 2) * ldd + r, e);
-      _mm_storeu_ps(dst + (c + 3) * ldd + r, f);
-    }
-}
-
-inline void transpose_any(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t rows,
-                          int64_t cols) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
-}
-
-// out[t, m] = act(yt[m, t] + res[t, m]) for yt [M, T]: also turns [T, K] into [K, T]
-void transpose_out(const float* yt, int64_t M, int64_t T, const float* res, int act, float lo,
-                   float hi, float* out) {
-  constexpr int64_t B = 16;
-  const int64_t bm = ceil_div(M, B), bt = ceil_div(T, B);
-  parallel_range(bm * bt, M * T < kSerialWork, [&](int64_t blk) {
-    const int64_t m0 = blk / bt * B, t0 = blk % bt * B;
-    const int64_t mr = std::min(B, M - m0), tr = std::min(B, T - t0);
-    float* dst = out + t0 * M + m0;
-    if (mr == B && tr == B) {
-      // through an L1 block, then whole output rows: writing a column at a time into rows a
-      // power-of-two-ish stride apart thrashed one cache set (0.5 -> 2.5 ns per element)
-      alignas(64) float tmp[B * B];
-      transpose_fixed<B, B>(yt + m0 * T + t0, T, tmp, B);
-      for (int64_t t = 0; t < B; ++t)
-        for (int64_t m = 0; m < B; ++m) dst[t * M + m] = tmp[t * B + m];
-    } else {
-      transpose_any(yt + m0 * T + t0, T, dst, M, mr, tr);
-    }
-    if (res || act != kActNone)
-      for (int64_t t = 0; t < tr; ++t) {
-        float* d = dst + t * M;
-        const float* r = res ? res + (t0 + t) * M + m0 : nullptr;
-        for (int64_t m = 0; m < mr; ++m) {
-          float v = d[m] + (r ? r[m] : 0.f);
-          v = act_scalar(v, act, lo, hi);
-          d[m] = v;
-        }
-      }
-  });
-}
-
 }  // namespace
 
 SparseWeight::SparseWeight(const float* w, int64_t m, int64_t k) : M(m), K(k) {
@@ -379,61 +319,27 @@ void run_gemm(const WeightRef& w, int64_t m0, int64_t rows, int64_t K, const flo
   }
 }
 
-void run_linear(const WeightRef& w, int64_t M, int64_t K, const float* x, const int64_t* koff,
-                int64_t T, const float* bias, const float* res, int act, float lo, float hi,
-                float* y) {
-  if (M <= 0 || T <= 0) return;
-  // X arrives as [T, K]. Threads that split the rows each pack the same X tiles, and packing
-  // from the transposed source is a scalar gather per element (8 chunks x all of X at 2
-  // threads), so transpose X to [K, T] once here and let every chunk copy whole vectors.
-  std::vector<int64_t> koff_t;
-  if (T > 1) {
-    float* xt = t_xt.get(K * T);
-    transpose_out(x, T, K, nullptr, kActNone, 0.f, 0.f, xt);
-    koff_t.resize(K);
-    for (int64_t k = 0; k < K; ++k) koff_t[k] = k * T;
-    x = xt;
-    koff = koff_t.data();
-  }
-  const int64_t cs = T > 1 ? 1 : K;
-  float* yt = t_yt.get(M * T);
-  Epilogue ep;
-  ep.bias = bias;
-  // with a residual the activation must wait until the transposed residual is added
-  ep.act = res ? kActNone : act;
-  ep.lo = lo;
-  ep.hi = hi;
-  if (w.sparse) sparse_gemm(*w.sparse, *w.layout, 0, M, x, koff, cs, T, yt, T, ep);
-  else dense_gemm(w.dense_panels, M, K, x, koff, cs, T, yt, T, ep);
-  transpose_out(yt, M, T, res, res ? act : kActNone, lo, hi, y);
+// Entry points for linear.cpp's drivers (the functions above stay internal to this file).
+void pack_weight_panels(const float* w, int64_t m, int64_t k, float* dst) {
+  pack_panels(w, m, k, 1, dst);
 }
 
-// The left operand changes every call, so it is packed into panels per batch item here (a
-// small cost: M*K floats against M*K*N multiply-adds). Batch items go to threads whole; with
-// fewer items than threads each item's GEMM splits instead.
-void run_batched_matmul(const float* a, const float* x, int64_t batch, int64_t M, int64_t K,
-                        int64_t N, float* y) {
-  if (batch <= 0 || M <= 0 || N <= 0) return;
-  if (K == 0) {
-    std::memset(y, 0, sizeof(float) * batch * M * N);
-    return;
-  }
-  std::vector<int64_t> koff(K);
-  for (int64_t k = 0; k < K; ++k) koff[k] = k * N;
-  const int64_t mpanels = ceil_div(M, kGemmMR), panel_floats = mpanels * kGemmMR * K;
-  const Epilogue ep;
-  auto one = [&](int64_t b, bool split) {
-    float* wp = t_apanels.get(panel_floats);
-    pack_panels(a + b * M * K, M, K, 1, wp);
-    if (split) dense_gemm(wp, M, K, x + b * K * N, koff.data(), 1, N, y + b * M * N, N, ep);
-    else dense_block(wp, M, K, 0, mpanels, x + b * K * N, koff.data(), 1, 0, N, y + b * M * N, N, ep);
-  };
-  const int nt = num_threads();
-  if (nt > 1 && batch >= nt && batch * M * K * N >= kSerialWork) {
-    parallel_for(batch, [&](int64_t b) { one(b, false); });
-  } else {
-    for (int64_t b = 0; b < batch; ++b) one(b, true);
-  }
+void sparse_gemm_rows(const WeightRef& w, int64_t m0, int64_t rows, const float* x,
+                      const int64_t* koff, int64_t cs, int64_t n, float* y, int64_t ldy,
+                      const Epilogue& ep) {
+  sparse_gemm(*w.sparse, *w.layout, m0, rows, x, koff, cs, n, y, ldy, ep);
+}
+
+void dense_gemm_threaded(const float* wp, int64_t rows, int64_t K, const float* x,
+                         const int64_t* koff, int64_t cs, int64_t n, float* y, int64_t ldy,
+                         const Epilogue& ep) {
+  dense_gemm(wp, rows, K, x, koff, cs, n, y, ldy, ep);
+}
+
+void dense_gemm_serial(const float* wp, int64_t rows, int64_t K, const float* x,
+                       const int64_t* koff, int64_t cs, int64_t c0, int64_t c1, float* y,
+                       int64_t ldy, const Epilogue& ep) {
+  dense_block(wp, rows, K, 0, ceil_div(rows, kGemmMR), x, koff, cs, c0, c1, y, ldy, ep);
 }
 
 }  // namespace sparsify

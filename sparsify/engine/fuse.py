@@ -15,7 +15,9 @@ that inference proves equal, except for Gemm/MatMul, whose step then checks them
 once with ``kernels.PackedWeight.pack(w, kind)``; "auto" lets the core pick sparse or dense from
 the weight's measured sparsity. A QuantizeLinear whose consumers are DequantizeLinear with the
 same per-tensor parameters becomes one fake-quant step per consumer (float round/clip, the
-values onnxruntime's QDQ arithmetic produces).
+values onnxruntime's QDQ arithmetic produces). Transformer blocks (attention, feed-forward
+chains, their LayerNormalization, a feature-major residual stream) are fused by
+fuse_transformer.py on top of these steps.
 """
 
 from __future__ import annotations
@@ -55,6 +57,10 @@ class StepSrc:
     multi: bool = False
     native: bool = False
     sources: list = field(default_factory=list)  # names of the graph nodes this step executes
+    linear: tuple | None = None  # a linear layer's (packed weight, bias, act, residual?, guarded?)
+    attention: tuple | None = None  # an attention step's (heads, scale)
+    norm: tuple | None = None  # a last-axis LayerNormalization's (scale, bias, epsilon)
+    block: tuple | None = None  # a block's (fn for feature-major flags, has a residual?)
 
 
 def bind(op_type: str, attrs: dict, n_inputs: int, n_outputs: int, opset: int):
@@ -108,6 +114,19 @@ def fuse(nodes: list, consts: dict, shapes: dict, graph_outs: set, kind: str):
     absorbed: set[int] = set()
     placed: list[tuple[int, StepSrc]] = []
     layers = []
+    # attention first: its head-splitting Reshape/Transpose nodes come before the MatMul that
+    # reveals the pattern, and the main loop below places nodes in order
+    from sparsify.engine import fuse_transformer as tf  # it builds on this module's StepSrc
+
+    producer = {o: k for k, nd in enumerate(nodes) for o in nd.outputs if o}
+    for i, n in enumerate(nodes):
+        if n.op == "MatMul" and i not in absorbed:
+            got = tf.fuse_attention(i, n, nodes, consts, shapes, producer, readers, graph_outs,
+                                    sole_reader)
+            if got:
+                pos, src, used = got
+                absorbed.update(used)
+                placed.append((pos, src))
     for i, n in enumerate(nodes):
         if i in absorbed:
             continue
@@ -125,11 +144,14 @@ def fuse(nodes: list, consts: dict, shapes: dict, graph_outs: set, kind: str):
                 placed.append((pos, src))
             continue
         fn = bind(n.op, n.attrs, len(n.inputs), len(n.outputs), n.opset)
-        placed.append((i, StepSrc(n.name, n.op, n.inputs, n.outputs, fn,
-                                  multi=n.op in MULTI_OUTPUT and len(n.outputs) > 1,
-                                  native=ops.runs_native(n.op, n.attrs, n.opset), sources=[n.name])))
+        src = StepSrc(n.name, n.op, n.inputs, n.outputs, fn,
+                      multi=n.op in MULTI_OUTPUT and len(n.outputs) > 1,
+                      native=ops.runs_native(n.op, n.attrs, n.opset), sources=[n.name])
+        src.norm = tf.row_norm(n, consts)
+        placed.append((i, src))
     placed.sort(key=lambda p: p[0])  # stable: a fused step lands where its last node stood
-    steps = [s for _, s in placed]
+    steps = tf.chain_linears(tf.attention_blocks([s for _, s in placed], graph_outs), graph_outs)
+    tf.feature_major_streams(steps, graph_outs)
     reuse_buffers(steps, shapes, graph_outs)
     return steps, layers
 
@@ -372,6 +394,8 @@ def _fuse_compute(i, n, nodes, consts, shapes, sole_reader, all_readers, kind, l
     inputs = [n.inputs[0]] + ([residual] if residual else []) + extra_in
     src = StepSrc(n.name if len(used) == 1 else "+".join(sources), "+".join(nodes[k].op for k in used),
                   inputs, [out], fn, native=True, sources=sources)
+    if not conv:
+        src.linear = (pw, bias, act, residual is not None, guarded)
     return [(max(used), src, used)]
 
 

@@ -24,8 +24,9 @@ except ImportError as err:  # pragma: no cover - only without a build
     ) from err
 
 __all__ = [
-    "PackedWeight", "gemm", "linear", "conv2d", "depthwise_conv2d", "max_pool2d", "avg_pool2d",
-    "global_avg_pool", "add_act", "softmax", "layer_norm", "batched_matmul", "retain_freed_memory",
+    "PackedWeight", "gemm", "linear", "linear_chain", "conv2d", "depthwise_conv2d", "max_pool2d", "avg_pool2d",
+    "global_avg_pool", "add_act", "softmax", "layer_norm", "batched_matmul", "attention", "attention_block",
+    "retain_freed_memory",
     "set_num_threads",
     "get_num_threads", "isa", "sparse_wins",
 ]
@@ -190,6 +191,55 @@ def linear(pw, x, bias=None, act="none", out=None, *, residual=None):
     return y
 
 
+def _norm_args(ln, n: int):
+    """(scale, bias, eps) for the core from an optional (scale, bias or None, epsilon)."""
+    if ln is None:
+        return None, None, 0.0
+    scale, bias, eps = ln
+    return _vec(scale, n, "layer norm scale"), _vec(bias, n, "layer norm bias"), float(eps)
+
+
+def _layout(fm):
+    """The core's layout bits from (input, residual, output) feature-major flags."""
+    return int(bool(fm[0])) | 2 * int(bool(fm[1])) | 4 * int(bool(fm[2]))
+
+
+def _features(lead, n, fm):
+    """The shape of an activation with n features per token: [n, *lead] feature-major."""
+    return (n,) + lead if fm else lead + (n,)
+
+
+def linear_chain(pw1, pw2, x, bias1=None, act1="none", bias2=None, act2="none", out=None, *,
+                 residual=None, ln=None, fm=(False, False, False)):
+    """``linear(linear(x, pw1, bias1, act1), pw2, bias2, act2, residual=residual)`` in one call:
+    the hidden activation stays inside the core in the layout the second layer reads.
+    ``ln = (scale, bias, epsilon)`` layer-normalizes x's features first. ``fm`` says which of
+    (x, residual, result) are feature-major: features on the first axis, [K, ...] instead of
+    [..., K] (what a block hands the next one, so that neither transposes it)."""
+    _check_pw(pw1)
+    _check_pw(pw2)
+    (m1, k1), (m2, k2) = pw1.shape, pw2.shape
+    if k2 != m1:
+        raise InputError(f"linear_chain: weight {pw2.shape} cannot take the {m1} outputs of "
+                         f"weight {pw1.shape}")
+    x = _f32(x, "linear_chain input")
+    if x.ndim < 1 or x.shape[0 if fm[0] else -1] != k1:
+        raise InputError(f"linear_chain input has shape {x.shape}, expected {k1} features "
+                         f"for weight {pw1.shape}")
+    lead = x.shape[1:] if fm[0] else x.shape[:-1]
+    shape = _features(lead, m2, fm[2])
+    c1, lo1, hi1 = _act(act1)
+    c2, lo2, hi2 = _act(act2)
+    y = _out(out, shape, "linear_chain")
+    res = _same(residual, _features(lead, m2, fm[1]), "linear_chain residual")
+    _core.linear_chain(pw1._h, _vec(bias1, m1, "linear_chain first bias"), c1, lo1, hi1,
+                       pw2._h, _vec(bias2, m2, "linear_chain second bias"), c2, lo2, hi2,
+                       x.reshape((k1, -1) if fm[0] else (-1, k1)), *_norm_args(ln, k1),
+                       None if res is None else res.reshape(-1), _layout(fm),
+                       y.reshape((m2, -1) if fm[2] else (-1, m2)))
+    return y
+
+
 def _nchw(x, what: str) -> np.ndarray:
     x = _f32(x, what)
     if x.ndim != 4:
@@ -348,6 +398,73 @@ def batched_matmul(a, x, out=None):
     m, k, n = a.shape[-2], a.shape[-1], x.shape[-1]
     batch = int(np.prod(a.shape[:-2]))
     _core.batched_matmul(a.reshape(batch, m, k), x.reshape(batch, k, n), y.reshape(batch, m, n))
+    return y
+
+
+def attention(q, k, v, heads, scale=1.0, mask=None, out=None):
+    """Scaled dot-product attention on token-major activations.
+
+    q is [B, Sq, H*D], k and v [B, Sk, H*D] (the Q/K/V projections' outputs, heads side by side);
+    returns [B, Sq, H*D] = softmax(scale * Q K^T + mask) V per head, heads side by side again.
+    ``mask`` broadcasts to [B, H, Sq, Sk] (e.g. BERT's padding mask [B, 1, 1, Sk]).
+    """
+    q = _f32(q, "attention query")
+    k = _f32(k, "attention key")
+    v = _f32(v, "attention value")
+    heads = int(heads)
+    if q.ndim != 3 or k.ndim != 3 or v.shape != k.shape or q.shape[0] != k.shape[0] \
+            or q.shape[2] != k.shape[2] or heads < 1 or q.shape[2] % heads:
+        raise InputError(f"attention needs q [B, Sq, H*D] and k, v [B, Sk, H*D] with H = {heads} "
+                         f"dividing the last axis, got {q.shape}, {k.shape}, {v.shape}")
+    b, sq, hd = q.shape
+    sk = k.shape[1]
+    y = _out(out, q.shape, "attention")
+    mask, strides = _mask_strides(mask, (b, heads, sq, sk))
+    _core.attention(q, k, v, heads, float(scale), mask, *strides, y)
+    return y
+
+
+def _mask_strides(mask, full):
+    """An attention mask as float32 with rows along keys, and its element strides over
+    (batch, head, query): 0 on a broadcast axis, so the kernel never materializes it."""
+    if mask is None:
+        return None, (0, 0, 0)
+    m = _f32(mask, "attention mask")
+    if m.ndim > 4 or not _broadcastable(m.shape, full):
+        raise InputError(f"attention mask has shape {m.shape}, which does not broadcast to "
+                         f"[B, H, Sq, Sk] = {list(full)}")
+    m = m.reshape((1,) * (4 - m.ndim) + m.shape)
+    if m.shape[3] != full[3]:
+        m = np.ascontiguousarray(np.broadcast_to(m, m.shape[:3] + (full[3],)))
+    return m, tuple(0 if m.shape[i] == 1 else m.strides[i] // 4 for i in range(3))
+
+
+def attention_block(x, qkv, o, heads, scale=1.0, mask=None, act="none", out=None, *,
+                    residual=None, ln=None, fm=(False, False, False)):
+    """A self-attention sublayer in one call, for x [B, S, K]:
+    ``linear(attention(q, k, v, heads, scale, mask), *o, act, residual=residual)`` where
+    ``[q | k | v] = linear(x, *qkv)``. ``qkv`` is (PackedWeight [3*H*D, K] holding the Q, K and
+    V projections stacked, bias [3*H*D] or None), ``o`` (PackedWeight [M, H*D], bias or None).
+    Between the projections nothing leaves the core. ``ln = (scale, bias, epsilon)``
+    layer-normalizes x's features first; ``fm`` as in linear_chain (feature-major [K, B, S])."""
+    x = _f32(x, "attention_block input")
+    _check_pw(qkv[0])
+    _check_pw(o[0])
+    (m3, k), hd = qkv[0].shape, qkv[0].shape[0] // 3
+    if x.ndim != 3 or k != x.shape[0 if fm[0] else -1] or m3 % 3 or o[0].shape[1] != hd \
+            or int(heads) < 1 or hd % int(heads):
+        raise InputError(f"attention_block needs x [B, S, K], a stacked Q/K/V weight [3*H*D, K] "
+                         f"with H = {heads} dividing H*D, and an output weight [M, H*D]; got x "
+                         f"{x.shape}, weights {qkv[0].shape} and {o[0].shape}")
+    b, s = x.shape[1:] if fm[0] else x.shape[:2]
+    m = o[0].shape[0]
+    mask, strides = _mask_strides(mask, (b, int(heads), s, s))
+    code, lo, hi = _act(act)
+    y = _out(out, _features((b, s), m, fm[2]), "attention_block")
+    res = _same(residual, _features((b, s), m, fm[1]), "attention_block residual")
+    _core.attention_block(x, *_norm_args(ln, k), qkv[0]._h, _vec(qkv[1], m3, "projection bias"),
+                          int(heads), float(scale), mask, *strides, o[0]._h,
+                          _vec(o[1], m, "output bias"), code, lo, hi, res, _layout(fm), y)
     return y
 
 

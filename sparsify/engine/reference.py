@@ -103,6 +103,29 @@ def linear(pw, x, bias=None, act="none", out=None, *, residual=None):
     return y
 
 
+def _token_major(a, fm):
+    return a if a is None or not fm else np.moveaxis(a, 0, -1)
+
+
+def _finish(y, fm, out):
+    y = np.ascontiguousarray(np.moveaxis(y, -1, 0)) if fm else y
+    if out is not None:
+        out[...] = y
+        return out
+    return y
+
+
+def linear_chain(pw1, pw2, x, bias1=None, act1="none", bias2=None, act2="none", out=None, *,
+                 residual=None, ln=None, fm=(False, False, False)):
+    """Two linear layers: ``linear(linear(x, pw1, bias1, act1), pw2, bias2, act2, residual)``,
+    after ``layer_norm(x, *ln)`` when ln is given; fm flags feature-major (x, residual, result)."""
+    x, residual = _token_major(x, fm[0]), _token_major(residual, fm[1])
+    if ln is not None:
+        x = layer_norm(x, *ln)
+    h = linear(pw1, x, bias1, act1)
+    return _finish(linear(pw2, h, bias2, act2, residual=residual), fm[2], out)
+
+
 def _patches(x, kernel_shape, strides, pads, dilations, pad_value=0.0, ceil_mode=0):
     """x [N, C, H, W] -> windows [N, C, kh, kw, OH, OW] (padding filled with pad_value)."""
     n, c, h, w = x.shape
@@ -247,6 +270,37 @@ def batched_matmul(a, x, out=None):
         out[...] = y
         return out
     return y
+
+
+def attention(q, k, v, heads, scale=1.0, mask=None, out=None):
+    """softmax(scale * Q K^T + mask) V per head for q [B, Sq, H*D], k and v [B, Sk, H*D]."""
+    b, sq, hd = q.shape
+    d = hd // heads
+
+    def split(x):
+        return np.asarray(x, np.float64).reshape(b, x.shape[1], heads, d).transpose(0, 2, 1, 3)
+
+    s = split(q) @ split(k).transpose(0, 1, 3, 2) * scale
+    if mask is not None:
+        s = s + np.asarray(mask, np.float64)
+    s = np.exp(s - s.max(axis=-1, keepdims=True))
+    s /= s.sum(axis=-1, keepdims=True)
+    y = (s @ split(v)).transpose(0, 2, 1, 3).reshape(b, sq, hd).astype(np.float32)
+    if out is not None:
+        out[...] = y
+        return out
+    return y
+
+
+def attention_block(x, qkv, o, heads, scale=1.0, mask=None, act="none", out=None, *,
+                    residual=None, ln=None, fm=(False, False, False)):
+    """Stacked Q/K/V projection, attention and output projection; qkv and o are (weight, bias)."""
+    x, residual = _token_major(x, fm[0]), _token_major(residual, fm[1])
+    if ln is not None:
+        x = layer_norm(x, *ln)
+    q, k, v = np.split(linear(qkv[0], x, qkv[1]), 3, axis=-1)
+    y = linear(o[0], attention(q, k, v, heads, scale, mask), o[1], act, residual=residual)
+    return _finish(y, fm[2], out)
 
 
 def retain_freed_memory() -> bool:

@@ -121,6 +121,39 @@ def test_linear_batched_leading_dims(isa):
     close(kernels.linear(pw, x), reference.linear(w, x))
 
 
+@pytest.mark.parametrize("kinds", [("sparse", "sparse"), ("dense", "sparse"), ("sparse", "dense")])
+@pytest.mark.parametrize("t,k,h,m", [(1, 1, 1, 1), (128, 96, 300, 80), (7, 50, 33, 17),
+                                     (1, 77, 40, 9), (3, 20, 1, 5)])
+def test_linear_chain(isa, kinds, t, k, h, m):
+    rng = np.random.default_rng(t + k + h + m)
+    w1 = sparse_matrix(rng, h, k, 0.8, empty_rows=1 if h > 1 else 0)
+    w2 = sparse_matrix(rng, m, h, 0.8)
+    x = rng.standard_normal((2, t, k)).astype(np.float32)
+    b1, b2 = rng.standard_normal(h).astype(np.float32), rng.standard_normal(m).astype(np.float32)
+    res = rng.standard_normal((2, t, m)).astype(np.float32)
+    p1, p2 = kernels.PackedWeight.pack(w1, kinds[0]), kernels.PackedWeight.pack(w2, kinds[1])
+    for act1, act2 in (("gelu", "none"), ("relu", ("clip", -0.5, 0.75)), ("none", "gelu")):
+        want = reference.linear_chain(w1, w2, x, b1, act1, b2, act2)
+        close(kernels.linear_chain(p1, p2, x, b1, act1, b2, act2), want,
+              scale=float(np.abs(want).max()) + 1)
+        want = reference.linear_chain(w1, w2, x, b1, act1, b2, act2, residual=res)
+        close(kernels.linear_chain(p1, p2, x, b1, act1, b2, act2, residual=res), want,
+              scale=float(np.abs(want).max()) + 1)
+    ln = (rng.standard_normal(k).astype(np.float32), rng.standard_normal(k).astype(np.float32), 1e-5)
+    for norm in (ln, ln[:1] + (None, 0.1)):
+        want = reference.linear_chain(w1, w2, x, b1, "gelu", b2, residual=res, ln=norm)
+        close(kernels.linear_chain(p1, p2, x, b1, "gelu", b2, residual=res, ln=norm), want,
+              scale=float(np.abs(want).max()) + 1)
+    fm_of = lambda a: np.ascontiguousarray(np.moveaxis(a, -1, 0))  # noqa: E731
+    for fm in [(True, False, False), (False, True, True), (True, True, False), (False, False, True)]:
+        xx, rr = fm_of(x) if fm[0] else x, fm_of(res) if fm[1] else res
+        want = reference.linear_chain(w1, w2, xx, b1, "gelu", b2, residual=rr, ln=ln, fm=fm)
+        close(kernels.linear_chain(p1, p2, xx, b1, "gelu", b2, residual=rr, ln=ln, fm=fm), want,
+              scale=float(np.abs(want).max()) + 1)
+    with pytest.raises(InputError, match="cannot take"):
+        kernels.linear_chain(p1, kernels.PackedWeight.pack(np.ones((2, h + 1), np.float32)), x)
+
+
 CONV_CASES = [  # (N, C, H, W, M, kernel, strides, pads, dilations, group)
     (1, 8, 9, 11, 16, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1),
     (2, 6, 10, 7, 4, (3, 2), (2, 1), (0, 1, 2, 0), (2, 1), 2),
@@ -312,6 +345,84 @@ def test_batched_matmul(isa, shape):
     b = rng.standard_normal(shape[1]).astype(np.float32)
     scale = float((np.abs(a).astype(np.float64) @ np.abs(b)).max()) if a.size and b.size else 1.0
     close(kernels.batched_matmul(a, b), reference.batched_matmul(a, b), scale=scale)
+
+
+@pytest.mark.parametrize("b,sq,sk,heads,d,mask", [
+    (1, 128, 128, 12, 64, (1, 1, 1, 128)),   # BERT-base
+    (2, 5, 7, 3, 5, (2, 1, 1, 7)),           # head width below the vector width
+    (1, 1, 1, 1, 1, None),                   # one element
+    (2, 17, 33, 2, 20, (2, 2, 17, 33)),      # a mask per head and query
+    (3, 9, 9, 4, 16, (9, 1)),                # a mask column broadcast along keys
+    (1, 40, 3, 2, 17, (3,)),
+])
+def test_attention(isa, b, sq, sk, heads, d, mask):
+    rng = np.random.default_rng(sq * sk + d)
+    q = rng.standard_normal((b, sq, heads * d)).astype(np.float32)
+    k = rng.standard_normal((b, sk, heads * d)).astype(np.float32)
+    v = rng.standard_normal((b, sk, heads * d)).astype(np.float32)
+    m = None if mask is None else (3 * rng.standard_normal(mask)).astype(np.float32)
+    scale = 1 / np.sqrt(d)
+    close(kernels.attention(q, k, v, heads, scale, m), reference.attention(q, k, v, heads, scale, m),
+          scale=float(np.abs(v).max()))
+
+
+@pytest.mark.parametrize("kind", ["sparse", "dense"])
+@pytest.mark.parametrize("b,s,k,heads,d,m,mask", [
+    (1, 128, 96, 4, 24, 80, (1, 1, 1, 128)),
+    (2, 5, 7, 3, 5, 9, (2, 1, 1, 5)),
+    (1, 1, 3, 1, 1, 2, None),
+    (2, 17, 20, 2, 20, 20, (2, 2, 17, 17)),
+    (3, 9, 16, 4, 16, 8, (9, 1)),
+])
+def test_attention_block(isa, kind, b, s, k, heads, d, m, mask):
+    rng = np.random.default_rng(s * k + d)
+    x = rng.standard_normal((b, s, k)).astype(np.float32)
+    ws = [sparse_matrix(rng, heads * d, k, 0.8) / np.float32(np.sqrt(k)) for _ in range(3)]
+    ws.append(sparse_matrix(rng, m, heads * d, 0.8))
+    bs = [rng.standard_normal(w.shape[0]).astype(np.float32) for w in ws]
+    res = rng.standard_normal((b, s, m)).astype(np.float32)
+    msk = None if mask is None else (3 * rng.standard_normal(mask)).astype(np.float32)
+    wqkv, bqkv = np.concatenate(ws[:3]), np.concatenate(bs[:3])
+    qkv, o = (kernels.PackedWeight.pack(wqkv, kind), bqkv), (kernels.PackedWeight.pack(ws[3], kind), bs[3])
+    for act, r in (("none", None), ("relu", res)):
+        want = reference.attention_block(x, (wqkv, bqkv), (ws[3], bs[3]), heads, 0.3, msk, act,
+                                         residual=r)
+        close(kernels.attention_block(x, qkv, o, heads, 0.3, msk, act, residual=r), want,
+              scale=float(np.abs(want).max()) + 1)
+    ln = (rng.standard_normal(k).astype(np.float32), rng.standard_normal(k).astype(np.float32), 1e-5)
+    want = reference.attention_block(x, (wqkv, None), (ws[3], bs[3]), heads, 0.3, msk,
+                                     residual=res, ln=ln)
+    close(kernels.attention_block(x, (qkv[0], None), o, heads, 0.3, msk, residual=res, ln=ln),
+          want, scale=float(np.abs(want).max()) + 1)
+    fm_of = lambda a: np.ascontiguousarray(np.moveaxis(a, -1, 0))  # noqa: E731
+    for fm in [(True, False, False), (False, True, True), (True, True, False), (False, False, True)]:
+        xx, rr = fm_of(x) if fm[0] else x, fm_of(res) if fm[1] else res
+        want = reference.attention_block(x if not fm[0] else xx, (wqkv, bqkv), (ws[3], bs[3]), heads,
+                                         0.3, msk, "gelu", residual=rr, ln=ln, fm=fm)
+        close(kernels.attention_block(xx, qkv, o, heads, 0.3, msk, "gelu", residual=rr, ln=ln,
+                                      fm=fm), want, scale=float(np.abs(want).max()) + 1)
+    with pytest.raises(InputError, match="attention_block needs"):
+        kernels.attention_block(x[0], qkv, o, heads)
+    with pytest.raises(InputError, match="attention_block needs"):
+        kernels.attention_block(x, o, o, heads)
+
+
+def test_attention_edges_and_misuse():
+    q = np.ones((1, 3, 8), np.float32)
+    # no keys: an empty sum
+    got = kernels.attention(q, np.ones((1, 0, 8), np.float32), np.ones((1, 0, 8), np.float32), 2)
+    np.testing.assert_array_equal(got, np.zeros((1, 3, 8), np.float32))
+    # a fully masked key gets no weight
+    k = np.random.default_rng(0).standard_normal((1, 4, 8)).astype(np.float32)
+    v = np.arange(32, dtype=np.float32).reshape(1, 4, 8)
+    mask = np.array([0, 0, 0, -np.inf], np.float32)
+    close(kernels.attention(q, k, v, 2, 0.5, mask), reference.attention(q[:, :, :], k[:, :3], v[:, :3], 2, 0.5))
+    with pytest.raises(InputError, match="H = 3"):
+        kernels.attention(q, k, v, 3)
+    with pytest.raises(InputError, match="does not broadcast"):
+        kernels.attention(q, k, v, 2, mask=np.zeros((1, 2, 3, 5), np.float32))
+    with pytest.raises(InputError):
+        kernels.attention(q, k, v[:, :3], 2)
 
 
 def test_row_kernels_and_batched_matmul_misuse():

@@ -44,13 +44,30 @@ def time_blocks(runners: dict, warmup: int, repeats: int, blocks: int = 5) -> di
     return {name: latency_stats(t) for name, t in times.items()}
 
 
+def _index_ranges(model) -> dict:
+    """input name -> the row count of the constant tables it indexes through Gather (embeddings)."""
+    tables = {t.name: list(t.dims) for t in model.graph.initializer}
+    ranges: dict = {}
+    for node in model.graph.node:
+        if node.op_type == "Gather" and len(node.input) == 2 and node.input[0] in tables:
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+            dims = tables[node.input[0]]
+            if dims and -len(dims) <= axis < len(dims):
+                size = dims[axis]
+                ranges[node.input[1]] = min(size, ranges.get(node.input[1], size))
+    return ranges
+
+
 def sample_feeds(engine, batch: int = 1, seed: int = 0) -> dict:
     """Random inputs of the shapes the model declares: a symbolic first axis becomes ``batch``.
 
-    Floats are uniform in [0, 1); integer inputs (token ids, indices) are zeros, which every
-    embedding accepts. Any other symbolic axis cannot be guessed: give the inputs instead.
+    Floats are uniform in [0, 1). Integer inputs that index a constant table (token ids into an
+    embedding) are uniform over its rows, other integer inputs are zeros (all-zero ids would be
+    all padding to many text models, a case that times and checks nothing). Any other symbolic
+    axis cannot be guessed: give the inputs instead.
     """
     rng = np.random.default_rng(seed)
+    ranges = _index_ranges(engine.model)
     feeds = {}
     for name, _, dtype, shape in engine.plan.inputs:
         if shape is None or dtype is None:
@@ -67,6 +84,8 @@ def sample_feeds(engine, batch: int = 1, seed: int = 0) -> dict:
                                  "inputs explicitly (--input NAME=FILE.npy)")
         if dtype.kind == "f":
             feeds[name] = rng.random(dims).astype(dtype)
+        elif dtype.kind in "iu" and ranges.get(name, 0) > 0:
+            feeds[name] = rng.integers(0, ranges[name], size=dims).astype(dtype)
         elif dtype.kind in "iub":
             feeds[name] = np.zeros(dims, dtype)
         else:

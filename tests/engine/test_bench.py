@@ -95,6 +95,18 @@ def test_sample_feeds_fill_the_batch_axis_and_refuse_other_symbols(tmp_path):
         sample_feeds(Engine(conv_model(extra_symbolic=True)))
 
 
+def test_sample_feeds_draw_token_ids_from_the_embedding_rows():
+    table = numpy_helper.from_array(np.random.default_rng(0).random((37, 4)).astype(np.float32), "emb")
+    nodes = [helper.make_node("Gather", ["emb", "ids"], ["e"]),
+             helper.make_node("ReduceSum", ["e"], ["y"], keepdims=0)]
+    graph = helper.make_graph(nodes, "emb", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["B", 50])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [table])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    ids = sample_feeds(Engine(model), batch=4)["ids"]
+    assert ids.shape == (4, 50) and ids.dtype == np.int64
+    assert ids.min() >= 0 and ids.max() < 37 and len(np.unique(ids)) > 10
+
+
 def test_time_blocks_alternates_and_counts():
     calls = []
     res = time_blocks({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},

@@ -77,25 +77,9 @@ void sparse_gemm(const SparseWeight& w, const SparseLayout& l, int64_t m0, int64
     kt.spmm(a, m0, m0 + rows, 0, n, y, ldy, ep, t_tile.get(tile_floats));
     return;
   }
-  const int64_t vw = kt.simd_width, per_tile = kt.spmm_nt / vw, nvec = ceil_div(n, vw);
-  if (nvec >= per_tile * nt) {
-    // column chunks of whole vectors, about a tile each and a multiple of the thread count, so
-    // every thread gets the same share (196 columns in tiles of 64 gave one thread 2x the work)
-    const int64_t chunks = nt * ceil_div(ceil_div(nvec, per_tile), nt);
-    parallel_for(chunks, [&](int64_t i) {
-      const int64_t c0 = std::min(n, nvec * i / chunks * vw);
-      const int64_t c1 = std::min(n, nvec * (i + 1) / chunks * vw);
-      if (c1 > c0) kt.spmm(a, m0, m0 + rows, c0, c1, y, ldy, ep, t_tile.get(tile_floats));
-    });
-    return;
-  }
-  // few columns: row ranges balanced by nonzeros (+ a per-row epilogue cost), reading X tiles
-  // packed once here (each chunk packing its own copy cost 8 copies of X at 2 threads)
-  float* sh = t_shared.get(ceil_div(n, kt.spmm_nt) * w.K * kt.spmm_nt);
-  pack_shared_tiles(x, koff, cs, w.K, n, kt.spmm_nt, sh);
-  a.packed = sh;
-  const int64_t parts = 2 * nt, total = nnz + 4 * rows;
-  auto split = [&](int64_t part) {
+  // Row range `part` of `parts`, balanced by nonzeros (+ a per-row epilogue cost).
+  const int64_t total = nnz + 4 * rows;
+  auto split = [&](int64_t part, int64_t parts) {
     if (part >= parts) return rows;
     const int64_t target = total * part / parts;
     int64_t lo = 0, hi = rows;
@@ -105,8 +89,33 @@ void sparse_gemm(const SparseWeight& w, const SparseLayout& l, int64_t m0, int64
     }
     return lo;
   };
+  const int64_t vw = kt.simd_width, per_tile = kt.spmm_nt / vw, nvec = ceil_div(n, vw);
+  if (nvec >= per_tile * nt) {
+    // column chunks of whole vectors, about a tile each and a multiple of the thread count, so
+    // every thread gets the same share (196 columns in tiles of 64 gave one thread 2x the work).
+    // Fewer than 4 chunks per thread are cut into row ranges too: with 2 chunks (BERT's 128
+    // tokens at 2 threads) one descheduled thread held up the whole layer; each range packs its
+    // own X tiles, a few percent next to its share of the products.
+    const int64_t cchunks = nt * ceil_div(ceil_div(nvec, per_tile), nt);
+    const int64_t rparts = std::min<int64_t>(4, ceil_div(4 * nt, cchunks));
+    parallel_for(cchunks * rparts, [&](int64_t i) {
+      const int64_t c = i / rparts, r = i % rparts;
+      const int64_t c0 = std::min(n, nvec * c / cchunks * vw);
+      const int64_t c1 = std::min(n, nvec * (c + 1) / cchunks * vw);
+      const int64_t r0 = split(r, rparts), r1 = split(r + 1, rparts);
+      if (c1 > c0 && r1 > r0)
+        kt.spmm(a, m0 + r0, m0 + r1, c0, c1, y, ldy, ep, t_tile.get(tile_floats));
+    });
+    return;
+  }
+  // few columns: row ranges reading X tiles packed once here (each range packing its own copy
+  // cost 8 copies of X at 2 threads)
+  float* sh = t_shared.get(ceil_div(n, kt.spmm_nt) * w.K * kt.spmm_nt);
+  pack_shared_tiles(x, koff, cs, w.K, n, kt.spmm_nt, sh);
+  a.packed = sh;
+  const int64_t parts = 4 * nt;  // no packing per range: small ranges cost little, balance well
   parallel_for(parts, [&](int64_t i) {
-    const int64_t r0 = split(i), r1 = split(i + 1);
+    const int64_t r0 = split(i, parts), r1 = split(i + 1, parts);
     if (r1 > r0) kt.spmm(a, m0 + r0, m0 + r1, 0, n, y, ldy, ep, t_tile.get(tile_floats));
   });
 }

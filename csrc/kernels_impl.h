@@ -399,18 +399,18 @@ static void gemm_pack_xt(const float* x, const int64_t* koff, int64_t cs, int64_
   }
 }
 
-// rows [0, rows) of kGemmTP consecutive panels (panel p at wp + p * K * kGemmMR) times the packed
-// X tile [K][kGemmTC]; writes columns [0, cols) of y with the epilogue, over the whole of K.
+// rows [0, rows) of kGemmTP consecutive panels (panel p at wp + p * pstride) times the packed
+// X tile [kc][kGemmTC]; adds into columns [0, cols) of y unless this K block is the first, and
+// applies the epilogue on the last.
 template <int P, int C>
-static void gemm_micro_t(int64_t K, const float* wp, const float* xp, int rows, int cols,
-                         float* y, int64_t ldy, const Epilogue& ep) {
+static void gemm_micro_t(int64_t kc, int64_t pstride, const float* wp, const float* xp, int rows,
+                         int cols, float* y, int64_t ldy, int mode, const Epilogue& ep) {
   P8 acc[C][P];
 #pragma GCC unroll 8
   for (int c = 0; c < C; ++c)
 #pragma GCC unroll 4
     for (int p = 0; p < P; ++p) acc[c][p] = p8_zero();
-  const int64_t pstride = K * kGemmMR;
-  for (int64_t k = 0; k < K; ++k) {
+  for (int64_t k = 0; k < kc; ++k) {
     P8 wv[P];
 #pragma GCC unroll 4
     for (int p = 0; p < P; ++p) wv[p] = p8_load(wp + p * pstride + k * kGemmMR);
@@ -423,12 +423,13 @@ static void gemm_micro_t(int64_t K, const float* wp, const float* xp, int rows, 
     }
   }
   // bias per row is a vector here; then 8 x 8 transposes turn columns into y's row pieces
+  const bool first = mode & kTileFirst, last = mode & kTileLast;
   const P8 lo = p8_set1(ep.lo), hi = p8_set1(ep.hi);
-  const bool clamp = ep.act != kActNone && ep.act != kActGelu;
+  const bool clamp = last && ep.act != kActNone && ep.act != kActGelu;
 #pragma GCC unroll 4
   for (int p = 0; p < P; ++p) {
     const int r0 = p * kGemmMR, nr = rows - r0 < kGemmMR ? rows - r0 : kGemmMR;
-    const P8 b = !ep.bias ? p8_zero() : nr == kGemmMR ? p8_load(ep.bias + r0)
+    const P8 b = !(last && ep.bias) ? p8_zero() : nr == kGemmMR ? p8_load(ep.bias + r0)
                                                        : p8_loadn(ep.bias + r0, nr);
     P8 t[8];
 #pragma GCC unroll 8
@@ -439,13 +440,14 @@ static void gemm_micro_t(int64_t K, const float* wp, const float* xp, int rows, 
     for (int r = 0; r < nr; ++r) {  // nr <= 0 past the last row: nothing to write
       float* yr = y + (int64_t)(r0 + r) * ldy;
       P8 v = t[r];
-      if (ep.res) {
+      if (!first) v = p8_add(v, cols == 8 ? p8_load(yr) : p8_loadn(yr, cols));
+      if (last && ep.res) {
         const float* rr = ep.res + (int64_t)(r0 + r) * ep.ld_res;
         v = p8_add(v, cols == 8 ? p8_load(rr) : p8_loadn(rr, cols));
       }
       if (clamp) v = p8_clamp(v, lo, hi);
       if (cols == 8) p8_store(yr, v); else p8_storen(yr, v, cols);
-      if (ep.act == kActGelu)  // the vector form: it keeps gelu(-inf) = 0, not NaN
+      if (last && ep.act == kActGelu)  // the vector form: it keeps gelu(-inf) = 0, not NaN
         for (int c = 0; c < cols; c += W) {
           const int n = cols - c < W ? cols - c : W;
           Simd::storen(yr + c, gelu(Simd::loadn(yr + c, n)), n);
@@ -455,26 +457,26 @@ static void gemm_micro_t(int64_t K, const float* wp, const float* xp, int rows, 
 }
 
 template <int C>
-static void gemm_t_cols(int64_t K, const float* wp, const float* xp, int rows, int cols, float* y,
-                        int64_t ldy, const Epilogue& ep) {
+static void gemm_t_cols(int64_t kc, int64_t pstride, const float* wp, const float* xp, int rows,
+                        int cols, float* y, int64_t ldy, int mode, const Epilogue& ep) {
   if constexpr (C >= 1) {
-    if (cols < C) return gemm_t_cols<C - 1>(K, wp, xp, rows, cols, y, ldy, ep);
+    if (cols < C) return gemm_t_cols<C - 1>(kc, pstride, wp, xp, rows, cols, y, ldy, mode, ep);
     // whole panels only: rows past `rows` read the zero padding of the last panel or, for the
     // panels after it, are skipped by using a smaller P
     const int panels = (rows + kGemmMR - 1) / kGemmMR;
     if (panels >= kGemmTP || kGemmTP == 1)
-      gemm_micro_t<kGemmTP, C>(K, wp, xp, rows, cols, y, ldy, ep);
+      gemm_micro_t<kGemmTP, C>(kc, pstride, wp, xp, rows, cols, y, ldy, mode, ep);
     else if (kGemmTP >= 3 && panels == 2)
-      gemm_micro_t<(kGemmTP >= 3 ? 2 : 1), C>(K, wp, xp, rows, cols, y, ldy, ep);
+      gemm_micro_t<(kGemmTP >= 3 ? 2 : 1), C>(kc, pstride, wp, xp, rows, cols, y, ldy, mode, ep);
     else
-      gemm_micro_t<1, C>(K, wp, xp, rows, cols, y, ldy, ep);
+      gemm_micro_t<1, C>(kc, pstride, wp, xp, rows, cols, y, ldy, mode, ep);
   }
 }
 
-// rows <= kGemmTP * kGemmMR, cols <= kGemmTC
-static void gemm_tile_t(int64_t K, const float* wp, const float* xp, int rows, int cols,
-                        float* y, int64_t ldy, const Epilogue& ep) {
-  gemm_t_cols<kGemmTC>(K, wp, xp, rows, cols, y, ldy, ep);
+// rows <= kGemmTP * kGemmMR, cols <= kGemmTC; wp at the block's first k, panels pstride apart
+static void gemm_tile_t(int64_t kc, int64_t pstride, const float* wp, const float* xp, int rows,
+                        int cols, float* y, int64_t ldy, int mode, const Epilogue& ep) {
+  gemm_t_cols<kGemmTC>(kc, pstride, wp, xp, rows, cols, y, ldy, mode, ep);
 }
 
 static void gemv(const float* wp, int64_t p0, int64_t p1, int64_t K, const float* xexp,

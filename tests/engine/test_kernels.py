@@ -78,7 +78,7 @@ def test_gemm(isa, kind, m, k, n):
 # sizes, on both sides of the switch, at 1 and 2 threads.
 DENSE_PATH_SHAPES = [  # (M, K, N)
     (1, 3, 2), (8, 1, 7), (23, 17, 8), (24, 40, 9), (25, 5, 49), (50, 70, 196), (16, 9, 256),
-    (17, 33, 257), (41, 300, 300), (7, 11, 1000),
+    (17, 33, 257), (41, 300, 300), (7, 11, 1000), (30, 1000, 200),  # K blocks in both
 ]
 
 

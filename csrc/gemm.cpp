@@ -148,6 +148,9 @@ void dense_narrow(const float* wp, int64_t rows, int64_t K, const float* x, cons
   const int64_t kb_max = std::max<int64_t>(256, kNarrowBlock / (ntiles * tc));
   const int64_t nkb = ceil_div(K, kb_max), kb = ceil_div(K, nkb);
   float* xp = t_packt.get(ntiles * kb * tc + 64);
+  // chunks: row blocks, each cut into column groups when there are too few of them to share
+  // out evenly (chunks are claimed one at a time: 11 row blocks on 2 threads ran as 6 + 5)
+  const int64_t groups = serial ? 1 : std::min(ntiles, ceil_div(8 * num_threads(), rblocks));
   auto col = [&](int64_t j) { return n * j / ntiles; };
   for (int64_t k0 = 0; k0 < K; k0 += kb) {
     const int64_t kc = std::min(kb, K - k0);
@@ -156,9 +159,10 @@ void dense_narrow(const float* wp, int64_t rows, int64_t K, const float* x, cons
       kt.gemm_pack_xt(x + col(j) * cs, koff + k0, cs, kc, (int)(col(j + 1) - col(j)),
                       xp + j * kc * tc);
     });
-    parallel_range(rblocks, serial, [&](int64_t b) {
+    auto unit = [&](int64_t u) {
+      const int64_t b = u / groups, g = u % groups;
       const int64_t r0 = b * tr, nrows = std::min(tr, rows - r0);
-      for (int64_t j = 0; j < ntiles; ++j) {
+      for (int64_t j = ntiles * g / groups; j < ntiles * (g + 1) / groups; ++j) {
         const int64_t c0 = col(j);
         Epilogue e = ep;
         if (e.bias) e.bias += r0;
@@ -166,7 +170,9 @@ void dense_narrow(const float* wp, int64_t rows, int64_t K, const float* x, cons
         kt.gemm_tile_t(kc, K * kGemmMR, wp + r0 * K + k0 * kGemmMR, xp + j * kc * tc, (int)nrows,
                        (int)(col(j + 1) - c0), y + r0 * ldy + c0, ldy, mode, e);
       }
-    });
+    };
+    if (serial) for (int64_t u = 0; u < rblocks; ++u) unit(u);
+    else parallel_for(rblocks * groups, unit);
   }
 }
 
@@ -212,21 +218,14 @@ void dense_gemm(const float* wp, int64_t rows, int64_t K, const float* x, const 
     dense_block(wp, rows, K, 0, mpanels, x, koff, cs, 0, n, y, ldy, ep);
     return;
   }
-  // many column blocks: split by them (each chunk packs only its X); otherwise by weight panels
-  // (each chunk packs the same X, a small cost next to its share of the FLOPs)
-  const int64_t nr = kernels().gemm_nr, block = 4 * nr;
-  const int64_t col_blocks = ceil_div(n, block);
-  if (col_blocks >= 2 * nt) {
-    parallel_for(col_blocks, [&](int64_t i) {
-      dense_block(wp, rows, K, 0, mpanels, x, koff, cs, i * block, std::min(n, (i + 1) * block), y,
-                  ldy, ep);
-    });
-    return;
-  }
-  const int64_t parts = std::min<int64_t>(mpanels, 8 * nt);
+  // column ranges of near-equal whole panels, each packing only its X; enough of them that
+  // chunks claimed one at a time come out even (blocks of 192 columns left 784 as 4 x 192 + 16
+  // and ran as 3 blocks + 2 on 2 threads)
+  const int64_t nr = kernels().gemm_nr, npan = ceil_div(n, nr);
+  const int64_t parts = std::min<int64_t>(npan, 8 * nt);
   parallel_for(parts, [&](int64_t i) {
-    const int64_t p0 = mpanels * i / parts, p1 = mpanels * (i + 1) / parts;
-    if (p1 > p0) dense_block(wp, rows, K, p0, p1, x, koff, cs, 0, n, y, ldy, ep);
+    const int64_t c0 = npan * i / parts * nr, c1 = std::min(n, npan * (i + 1) / parts * nr);
+    if (c1 > c0) dense_block(wp, rows, K, 0, mpanels, x, koff, cs, c0, c1, y, ldy, ep);
   });
 }
 

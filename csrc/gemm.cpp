@@ -176,10 +176,16 @@ void dense_narrow(const float* wp, int64_t rows, int64_t K, const float* x, cons
   }
 }
 
-// Up to this many columns the narrow path wins: 7x7 planes (49 columns, which the wide path
-// pads to 64) ran 1.25x faster, 14x14 ones (196, padded to 208) 1.0-1.05x; 28x28 (784, no
-// padding) ran slower (1 thread, ResNet-50 shapes, AVX-512).
-constexpr int64_t kNarrowCols = 256;
+// The narrow path where the wide one would pad a short row of columns: 7x7 planes (49 columns,
+// padded to 64) and 7x8 phased ones ran 1.15-1.3x faster. Where little or nothing is padded the
+// wide kernel is the faster one (14x14 planes, 196 columns padded to 208: 0.85-0.97x; 28x28:
+// 0.92x), and BERT's 128 tokens are not padded at all (1 thread, AVX-512, ResNet-50 shapes).
+bool narrow_wins(int64_t n) {
+  const KernelTable& kt = kernels();
+  const int64_t nr = kt.gemm_nr, vw = kt.simd_width;
+  const int64_t padded = n / nr * nr + ceil_div(n % nr, vw) * vw;
+  return n <= 128 && padded > n;
+}
 
 // y[:, 0] for a single column: streams each weight panel once at memory speed.
 void dense_gemv(const float* wp, int64_t rows, int64_t K, const float* x, const int64_t* koff,
@@ -213,19 +219,23 @@ void dense_gemm(const float* wp, int64_t rows, int64_t K, const float* x, const 
   const int64_t mpanels = ceil_div(rows, kGemmMR);
   int nt = num_threads();
   if (rows * K * n < kSerialWork) nt = 1;
-  if (n <= kNarrowCols) return dense_narrow(wp, rows, K, x, koff, cs, n, y, ldy, ep, nt == 1);
+  if (narrow_wins(n)) return dense_narrow(wp, rows, K, x, koff, cs, n, y, ldy, ep, nt == 1);
   if (nt == 1) {
     dense_block(wp, rows, K, 0, mpanels, x, koff, cs, 0, n, y, ldy, ep);
     return;
   }
-  // column ranges of near-equal whole panels, each packing only its X; enough of them that
-  // chunks claimed one at a time come out even (blocks of 192 columns left 784 as 4 x 192 + 16
-  // and ran as 3 blocks + 2 on 2 threads)
+  // Column ranges of near-equal whole panels, each packing only its X, and with few of them
+  // weight-panel ranges too (each packs its X again), so that chunks claimed one at a time come
+  // out even (blocks of 192 columns left 784 as 4 x 192 + 16 and ran as 3 blocks + 2 on 2
+  // threads).
   const int64_t nr = kernels().gemm_nr, npan = ceil_div(n, nr);
-  const int64_t parts = std::min<int64_t>(npan, 8 * nt);
-  parallel_for(parts, [&](int64_t i) {
-    const int64_t c0 = npan * i / parts * nr, c1 = std::min(n, npan * (i + 1) / parts * nr);
-    if (c1 > c0) dense_block(wp, rows, K, 0, mpanels, x, koff, cs, c0, c1, y, ldy, ep);
+  const int64_t cparts = std::min<int64_t>(npan, 8 * nt);
+  const int64_t rparts = std::min<int64_t>(mpanels, ceil_div(4 * nt, cparts));
+  parallel_for(cparts * rparts, [&](int64_t i) {
+    const int64_t ci = i / rparts, ri = i % rparts;
+    const int64_t c0 = npan * ci / cparts * nr, c1 = std::min(n, npan * (ci + 1) / cparts * nr);
+    const int64_t p0 = mpanels * ri / rparts, p1 = mpanels * (ri + 1) / rparts;
+    if (c1 > c0 && p1 > p0) dense_block(wp, rows, K, p0, p1, x, koff, cs, c0, c1, y, ldy, ep);
   });
 }
 

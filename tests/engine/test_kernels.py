@@ -73,12 +73,12 @@ def test_gemm(isa, kind, m, k, n):
     close(kernels.gemm(pw, x), reference.gemm(w, x), scale=scale)
 
 
-# The dense GEMM has two paths: up to 256 columns vectors run along the rows (tiles of up to 24
-# rows x 8 columns, whole K), beyond that along the columns. Rows and columns around the tile
-# sizes, on both sides of the switch, at 1 and 2 threads.
+# The dense GEMM has two paths: for up to 128 columns that the column tiles would pad, vectors
+# run along the rows (tiles of up to 24 rows x 8 columns on AVX-512), otherwise along the
+# columns. Rows and columns around the tile sizes, K blocks, both paths, 1 and 2 threads.
 DENSE_PATH_SHAPES = [  # (M, K, N)
     (1, 3, 2), (8, 1, 7), (23, 17, 8), (24, 40, 9), (25, 5, 49), (50, 70, 196), (16, 9, 256),
-    (17, 33, 257), (41, 300, 300), (7, 11, 1000), (30, 1000, 200),  # K blocks in both
+    (17, 33, 257), (41, 300, 300), (7, 11, 1000), (30, 2000, 100), (30, 1000, 200),
 ]
 
 

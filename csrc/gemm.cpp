@@ -116,9 +116,7 @@ void dense_block(const float* wp, int64_t rows, int64_t K, int64_t p0, int64_t p
     int64_t k0 = 0;
     do {
       const int64_t kc = std::min(kc_max, K - k0);
-      for (int64_t j = 0; j < npan; ++j)
-        kt.gemm_pack_x(x + (n0 + j * nr) * cs, koff + k0, cs, kc, std::min(nr, nc - j * nr),
-                       xp + j * nr * kc);
+      kt.gemm_pack_x(x + n0 * cs, koff + k0, cs, kc, nc, xp);
       const int mode = (k0 == 0 ? kTileFirst : 0) | (k0 + kc >= K ? kTileLast : 0);
       for (int64_t pm = p0; pm < p1; ++pm) {
         const int64_t r = std::min<int64_t>(kGemmMR, rows - pm * kGemmMR);

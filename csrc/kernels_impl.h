@@ -197,7 +197,18 @@ static void spmm(const SpmmArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t 
 static void gemm_pack_x(const float* x, const int64_t* koff, int64_t cs, int64_t kc, int64_t nc,
                         float* xp) {
   constexpr int NR = kGemmNV * W;
-  for (int64_t j0 = 0; j0 < nc; j0 += NR) {
+  int64_t j0 = 0;
+  if (cs == 1) {
+    // full panels row by row: each source row is read once, in order, instead of one short
+    // piece per panel from kc rows a plane apart (which cost a TLB walk per piece)
+    const int64_t full = nc / NR;
+    for (int64_t k = 0; k < kc; ++k) {
+      const float* src = x + koff[k];
+      for (int64_t j = 0; j < full; ++j) copy_row<kGemmNV>(src + j * NR, NR, xp + (j * kc + k) * NR);
+    }
+    j0 = full * NR;
+  }
+  for (; j0 < nc; j0 += NR) {
     const int64_t w = imin(NR, nc - j0);
     const int64_t width = (w + W - 1) / W * W;
     float* dst = xp + j0 * kc;

@@ -118,8 +118,20 @@ void dense_block(const float* wp, int64_t rows, int64_t K, int64_t p0, int64_t p
       const int64_t kc = std::min(kc_max, K - k0);
       kt.gemm_pack_x(x + n0 * cs, koff + k0, cs, kc, nc, xp);
       const int mode = (k0 == 0 ? kTileFirst : 0) | (k0 + kc >= K ? kTileLast : 0);
+      // The next block's source rows, a slice per weight panel, on their way to L2 while this
+      // block computes: packing otherwise waits on X from L3 or memory, and did not overlap
+      // with the FMAs (256 x 256 x 3072 ran at 45 GMAC/s against 51 when X fit in L2).
+      const bool more_k = k0 + kc < K;
+      const int64_t nk0 = more_k ? k0 + kc : 0, nn0 = more_k ? n0 : n0 + nc_max;
+      const int64_t nkc = nn0 < c1 && cs == 1 ? std::min(kc_max, K - nk0) : 0;
+      const int64_t nnc = nkc ? std::min(nc_max, c1 - nn0) : 0;
+      const int64_t per_panel = ceil_div(nkc, p1 - p0);
       for (int64_t pm = p0; pm < p1; ++pm) {
         const int64_t r = std::min<int64_t>(kGemmMR, rows - pm * kGemmMR);
+        for (int64_t k = (pm - p0) * per_panel; k < std::min(nkc, (pm - p0 + 1) * per_panel); ++k) {
+          const float* src = x + koff[nk0 + k] + nn0;
+          for (int64_t j = 0; j < nnc; j += 16) __builtin_prefetch(src + j, 0, 2);
+        }
         for (int64_t pn = 0; pn < npan; ++pn) {
           const int64_t cols = std::min(nr, nc - pn * nr);
           const int64_t col0 = n0 + pn * nr;

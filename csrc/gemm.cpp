@@ -106,10 +106,14 @@ void dense_block(const float* wp, int64_t rows, int64_t K, int64_t p0, int64_t p
                  const Epilogue& ep) {
   const KernelTable& kt = kernels();
   const int64_t nr = kt.gemm_nr, vw = kt.simd_width;
-  // K blocks of ~256 keep a weight-panel slice in L1 and the packed X block in L2
-  const int64_t kblocks = K <= 384 ? 1 : ceil_div(K, 256);
+  // K blocks of ~256 keep a weight-panel slice in L1; up to 640 (3x3 convs with 64 channels)
+  // one block saves the output tile's reloads. The packed X block is held to 384 KB of L2
+  // (2 to 10 panels): 64 x 576 x 3264 ran at 48.8 GMAC/s against 46.7 with blocks of 192 K
+  // and 10 panels, the other ResNet-50 shapes within 2%.
+  const int64_t kblocks = K <= 640 ? 1 : ceil_div(K, 256);
   const int64_t kc_max = std::max<int64_t>(1, ceil_div(K, kblocks));
-  const int64_t nc_max = std::min(ceil_div(c1 - c0, nr), int64_t(10)) * nr;
+  const int64_t np = std::max<int64_t>(2, std::min<int64_t>(10, 96 * 1024 / (kc_max * nr)));
+  const int64_t nc_max = std::min(ceil_div(c1 - c0, nr), np) * nr;
   float* xp = t_pack.get(kc_max * nc_max + 64);
   for (int64_t n0 = c0; n0 < c1; n0 += nc_max) {
     const int64_t nc = std::min(nc_max, c1 - n0), npan = ceil_div(nc, nr);

@@ -84,7 +84,8 @@ void fill_phase(const float* x, const ConvShape& s, int a, int b, int64_t hq, in
 void fill_phases(const float* x, const ConvShape& s, int64_t hq, int64_t wq, float pad,
                  float* ph) {
   for (int a = 0; a < s.sh; ++a)
-    for (int b = 0; b < s.sw; ++b) fill_phase(x, s, a, b, hq, wq, pad, ph + (a * s.sw + b) * hq * wq);
+    for (int b = 0; b < s.sw; ++b)
+      fill_phase(x, s, a, b, hq, wq, pad, ph + (a * s.sw + b) * hq * wq);
 }
 
 // op: 0 depthwise (w, bias per plane), 1 max, 2 sum

@@ -1,6 +1,7 @@
 // The hot loops, written once over the Simd traits and compiled once per ISA.
 // Included by isa_*.cpp inside a per-ISA namespace after Simd is defined; define
-// SPARSIFY_GEMM_R (rows per dense micro-tile) and SPARSIFY_ISA_NAME first.
+// SPARSIFY_GEMM_R (rows per dense micro-tile), SPARSIFY_GEMM_TP / SPARSIFY_GEMM_TC (panels and
+// columns of a narrow tile) and SPARSIFY_ISA_NAME first.
 // No standard-library templates here: an inline template instantiated under -mavx512f could be
 // merged by the linker into the portable build.
 
@@ -204,7 +205,8 @@ static void gemm_pack_x(const float* x, const int64_t* koff, int64_t cs, int64_t
     const int64_t full = nc / NR;
     for (int64_t k = 0; k < kc; ++k) {
       const float* src = x + koff[k];
-      for (int64_t j = 0; j < full; ++j) copy_row<kGemmNV>(src + j * NR, NR, xp + (j * kc + k) * NR);
+      for (int64_t j = 0; j < full; ++j)
+        copy_row<kGemmNV>(src + j * NR, NR, xp + (j * kc + k) * NR);
     }
     j0 = full * NR;
   }

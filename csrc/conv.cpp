@@ -52,35 +52,40 @@ void deinterleave2(const float* __restrict row, int64_t qlo, int64_t qhi, float*
   for (int64_t q = qlo; q < qhi; ++q) d[q] = row[2 * q];
 }
 
-// Splits one zero- (or pad-) padded plane into sh x sw phases: phase (a, b) holds padded rows
-// a, a + sh, ... and columns b, b + sw, ..., each hq x wq. A strided window then reads, for every
-// tap, one contiguous run of a phase, and a whole output plane is one flat run (see
-// window_planes), so even 7x7 planes fill whole vectors.
+// Phase (a, b) of one padded plane: padded rows a, a + sh, ... and columns b, b + sw, ..., hq x wq,
+// `pad` outside the image. The in-image column range is found once, so each row is a fill, one
+// plain copy (or stride-2 gather) and a fill, with no test per element.
+void fill_phase(const float* x, const ConvShape& s, int a, int b, int64_t hq, int64_t wq,
+                float pad, float* dst) {
+  const int64_t off = b - s.pl;
+  const int64_t qlo = std::min(wq, off >= 0 ? 0 : (-off + s.sw - 1) / s.sw);
+  const int64_t qhi =
+      std::max(qlo, std::min(wq, s.w - off <= 0 ? 0 : (s.w - off + s.sw - 1) / s.sw));
+  for (int64_t r = 0; r < hq; ++r) {
+    float* d = dst + r * wq;
+    const int64_t iy = r * s.sh + a - s.pt;
+    if (iy < 0 || iy >= s.h) {
+      for (int64_t q = 0; q < wq; ++q) d[q] = pad;
+      continue;
+    }
+    const float* row = x + iy * s.w + off;
+    for (int64_t q = 0; q < qlo; ++q) d[q] = pad;
+    // plain loops, not memcpy: rows here are often a few floats and a call costs more
+    if (s.sw == 1) copy_run(row, qlo, qhi, d);
+    else if (s.sw == 2) deinterleave2(row, qlo, qhi, d);
+    else for (int64_t q = qlo; q < qhi; ++q) d[q] = row[q * s.sw];
+    for (int64_t q = qhi; q < wq; ++q) d[q] = pad;
+  }
+}
+
+// Splits one zero- (or pad-) padded plane into sh x sw phases (fill_phase). A strided window
+// then reads, for every tap, one contiguous run of a phase, and a whole output plane is one flat
+// run (see window_planes), so even 7x7 planes fill whole vectors.
 void fill_phases(const float* x, const ConvShape& s, int64_t hq, int64_t wq, float pad,
                  float* ph) {
   for (int a = 0; a < s.sh; ++a)
-    for (int b = 0; b < s.sw; ++b) {
-      float* dst = ph + (a * s.sw + b) * hq * wq;
-      const int64_t off = b - s.pl;
-      const int64_t qlo = std::min(wq, off >= 0 ? 0 : (-off + s.sw - 1) / s.sw);
-      const int64_t qhi =
-          std::max(qlo, std::min(wq, s.w - off <= 0 ? 0 : (s.w - off + s.sw - 1) / s.sw));
-      for (int64_t r = 0; r < hq; ++r) {
-        float* d = dst + r * wq;
-        const int64_t iy = r * s.sh + a - s.pt;
-        if (iy < 0 || iy >= s.h) {
-          for (int64_t q = 0; q < wq; ++q) d[q] = pad;
-          continue;
-        }
-        const float* row = x + iy * s.w + off;
-        for (int64_t q = 0; q < qlo; ++q) d[q] = pad;
-        // plain loops, not memcpy: rows here are often a few floats and a call costs more
-        if (s.sw == 1) copy_run(row, qlo, qhi, d);
-        else if (s.sw == 2) deinterleave2(row, qlo, qhi, d);
-        else for (int64_t q = qlo; q < qhi; ++q) d[q] = row[q * s.sw];
-        for (int64_t q = qhi; q < wq; ++q) d[q] = pad;
-      }
-    }
+    for (int b = 0; b < s.sw; ++b)
+      fill_phase(x, s, a, b, hq, wq, pad, ph + (a * s.sw + b) * hq * wq);
 }
 
 // op: 0 depthwise (w, bias per plane), 1 max, 2 sum
@@ -176,42 +181,46 @@ void fill_conv_phases(const float* x, int64_t cg, const ConvShape& s, const Conv
   const int64_t nph = (int64_t)s.sh * s.sw;
   parallel_range(cg * nph, cg * ch < kSerialWork, [&](int64_t idx) {
     const int64_t c = idx / nph, ph = idx % nph;
-    if (used[ph]) {
-      const int64_t a = ph / s.sw, b = ph % s.sw;
-      const float* src = x + c * s.h * s.w;
-      float* dst = buf + c * ch + ph * plane;
-      for (int64_t r = 0; r < p.hq; ++r) {
-        float* d = dst + r * p.wq;
-        const int64_t iy = r * s.sh + a - s.pt;
-        if (iy < 0 || iy >= s.h) {
-          std::memset(d, 0, sizeof(float) * p.wq);
-          continue;
-        }
-        const float* row = src + iy * s.w;
-        for (int64_t q = 0; q < p.wq; ++q) {
-          const int64_t ix = q * s.sw + b - s.pl;
-          d[q] = (ix >= 0 && ix < s.w) ? row[ix] : 0.f;
-        }
-      }
-    }
+    if (used[ph])
+      fill_phase(x + c * s.h * s.w, s, (int)(ph / s.sw), (int)(ph % s.sw), p.hq, p.wq, 0.f,
+                 buf + c * ch + ph * plane);
   });
 }
 
-// y[m][oy][ox] = act(v[m][oy * wq + ox] + res) : drops the wasted columns of the phased layout
+// y[m][oy][ox] = act(v[m][oy * wq + ox] + res) : drops the wasted columns of the phased layout.
+// One loop per case with no test per element, so the compiler vectorizes each (relu / clip as
+// max(lo, v) then min(hi, v), which keep a NaN v as act_scalar does).
+void compact_row(const float* __restrict src, const float* __restrict r, int64_t n, int act,
+                 float lo, float hi, float* __restrict d) {
+  if (act == kActGelu) {
+    for (int64_t i = 0; i < n; ++i) d[i] = act_scalar(src[i] + (r ? r[i] : 0.f), act, lo, hi);
+  } else if (act != kActNone) {
+    if (r) {
+      for (int64_t i = 0; i < n; ++i) {
+        const float t = src[i] + r[i];
+        const float u = lo > t ? lo : t;
+        d[i] = hi < u ? hi : u;
+      }
+    } else {
+      for (int64_t i = 0; i < n; ++i) {
+        const float u = lo > src[i] ? lo : src[i];
+        d[i] = hi < u ? hi : u;
+      }
+    }
+  } else if (r) {
+    for (int64_t i = 0; i < n; ++i) d[i] = src[i] + r[i];
+  } else {
+    for (int64_t i = 0; i < n; ++i) d[i] = src[i];
+  }
+}
+
 void compact(const float* v, int64_t rows, const ConvShape& s, int64_t wq, const float* res,
              int act, float lo, float hi, float* y) {
   const int64_t plane = s.oh * s.ow;
   parallel_range(rows, rows * plane < kSerialWork, [&](int64_t m) {
-    for (int64_t oy = 0; oy < s.oh; ++oy) {
-      const float* src = v + m * s.oh * wq + oy * wq;
-      float* d = y + m * plane + oy * s.ow;
-      const float* r = res ? res + m * plane + oy * s.ow : nullptr;
-      for (int64_t ox = 0; ox < s.ow; ++ox) {
-        float t = src[ox] + (r ? r[ox] : 0.f);
-        t = act_scalar(t, act, lo, hi);
-        d[ox] = t;
-      }
-    }
+    for (int64_t oy = 0; oy < s.oh; ++oy)
+      compact_row(v + m * s.oh * wq + oy * wq, res ? res + m * plane + oy * s.ow : nullptr, s.ow,
+                  act, lo, hi, y + m * plane + oy * s.ow);
   });
 }
 

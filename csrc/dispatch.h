@@ -82,6 +82,18 @@ struct KernelTable {
   // GEMM's panel tiles would use one lane in 16 when X has a single column.
   void (*gemv)(const float* wp, int64_t p0, int64_t p1, int64_t K, const float* xexp, float* out);
 
+  // Narrow outputs (few columns, e.g. 7x7 planes): vectors run along the rows instead, so no
+  // column is padded to the vector width. A tile is up to gemm_t_rows rows (whole weight panels,
+  // panel p at wp + p * pstride) times up to gemm_t_cols columns over a K block of kc, from X
+  // packed by gemm_pack_xt as [kc][gemm_t_cols] (xp[k * gemm_t_cols + c] = x[koff[k] + c * cs]);
+  // mode as for gemm_tile (the first block stores, later ones add, the last applies ep).
+  int gemm_t_rows;
+  int gemm_t_cols;
+  void (*gemm_pack_xt)(const float* x, const int64_t* koff, int64_t cs, int64_t K, int nc,
+                       float* xp);
+  void (*gemm_tile_t)(int64_t kc, int64_t pstride, const float* wp, const float* xp, int rows,
+                      int cols, float* y, int64_t ldy, int mode, const Epilogue& ep);
+
   // Depthwise conv on simd_width channels at once (for small planes, where per-plane work is too
   // little to fill vectors): in is the padded input, channels interleaved per pixel
   // [hp][wp][simd_width]; wv holds each tap's channel weights [taps][simd_width] followed by the

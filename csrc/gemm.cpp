@@ -10,13 +10,18 @@ namespace sparsify {
 namespace {
 
 constexpr int64_t kSpmmTileBytes = 64 * 1024;  // packed sparse X tile (measured: 16-32 KB and 256 KB slower)
+// Packed X of one narrow K block, floats: 768 KB, most of L2. Whole K (no blocks) and 384 KB
+// blocks measured the same within noise on ResNet-50's 7x7 and 14x14 layers; the cap keeps
+// long-K inputs from spilling to L3.
+constexpr int64_t kNarrowBlock = 192 * 1024;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
 
 // Work below this many multiply-adds runs on the calling thread: waking a worker costs more.
 constexpr int64_t kSerialWork = 32 * 1024;
 
-thread_local FloatBuf t_pack, t_tile, t_shared;
+thread_local FloatBuf t_pack, t_packt, t_tile, t_shared;
 
 void pack_panels(const float* w, int64_t m, int64_t k, int64_t groups, float* dst) {
   const int64_t mg = m / groups, per_group = ceil_div(mg, kGemmMR);
@@ -127,22 +132,36 @@ void dense_block(const float* wp, int64_t rows, int64_t K, int64_t p0, int64_t p
                  const Epilogue& ep) {
   const KernelTable& kt = kernels();
   const int64_t nr = kt.gemm_nr, vw = kt.simd_width;
-  // K blocks of ~256 keep a weight-panel slice in L1 and the packed X block in L2
-  const int64_t kblocks = K <= 384 ? 1 : ceil_div(K, 256);
+  // K blocks of ~256 keep a weight-panel slice in L1; up to 640 (3x3 convs with 64 channels)
+  // one block saves the output tile's reloads. The packed X block is held to 384 KB of L2
+  // (2 to 10 panels): 64 x 576 x 3264 ran at 48.8 GMAC/s against 46.7 with blocks of 192 K
+  // and 10 panels, the other ResNet-50 shapes within 2%.
+  const int64_t kblocks = K <= 640 ? 1 : ceil_div(K, 256);
   const int64_t kc_max = std::max<int64_t>(1, ceil_div(K, kblocks));
-  const int64_t nc_max = std::min(ceil_div(c1 - c0, nr), int64_t(10)) * nr;
+  const int64_t np = std::max<int64_t>(2, std::min<int64_t>(10, 96 * 1024 / (kc_max * nr)));
+  const int64_t nc_max = std::min(ceil_div(c1 - c0, nr), np) * nr;
   float* xp = t_pack.get(kc_max * nc_max + 64);
   for (int64_t n0 = c0; n0 < c1; n0 += nc_max) {
     const int64_t nc = std::min(nc_max, c1 - n0), npan = ceil_div(nc, nr);
     int64_t k0 = 0;
     do {
       const int64_t kc = std::min(kc_max, K - k0);
-      for (int64_t j = 0; j < npan; ++j)
-        kt.gemm_pack_x(x + (n0 + j * nr) * cs, koff + k0, cs, kc, std::min(nr, nc - j * nr),
-                       xp + j * nr * kc);
+      kt.gemm_pack_x(x + n0 * cs, koff + k0, cs, kc, nc, xp);
       const int mode = (k0 == 0 ? kTileFirst : 0) | (k0 + kc >= K ? kTileLast : 0);
+      // The next block's source rows, a slice per weight panel, on their way to L2 while this
+      // block computes: packing otherwise waits on X from L3 or memory, and did not overlap
+      // with the FMAs (256 x 256 x 3072 ran at 45 GMAC/s against 51 when X fit in L2).
+      const bool more_k = k0 + kc < K;
+      const int64_t nk0 = more_k ? k0 + kc : 0, nn0 = more_k ? n0 : n0 + nc_max;
+      const int64_t nkc = nn0 < c1 && cs == 1 ? std::min(kc_max, K - nk0) : 0;
+      const int64_t nnc = nkc ? std::min(nc_max, c1 - nn0) : 0;
+      const int64_t per_panel = ceil_div(nkc, p1 - p0);
       for (int64_t pm = p0; pm < p1; ++pm) {
         const int64_t r = std::min<int64_t>(kGemmMR, rows - pm * kGemmMR);
+        for (int64_t k = (pm - p0) * per_panel; k < std::min(nkc, (pm - p0 + 1) * per_panel); ++k) {
+          const float* src = x + koff[nk0 + k] + nn0;
+          for (int64_t j = 0; j < nnc; j += 16) __builtin_prefetch(src + j, 0, 2);
+        }
         for (int64_t pn = 0; pn < npan; ++pn) {
           const int64_t cols = std::min(nr, nc - pn * nr);
           const int64_t col0 = n0 + pn * nr;
@@ -157,6 +176,55 @@ void dense_block(const float* wp, int64_t rows, int64_t K, int64_t p0, int64_t p
       k0 += kc;
     } while (k0 < K);
   }
+}
+
+// Narrow outputs, vectors along the rows (KernelTable::gemm_tile_t): per K block, X is packed
+// once into column tiles of near-equal width, shared by the threads, which split the row blocks.
+void dense_narrow(const float* wp, int64_t rows, int64_t K, const float* x, const int64_t* koff,
+                  int64_t cs, int64_t n, float* y, int64_t ldy, const Epilogue& ep, bool serial) {
+  const KernelTable& kt = kernels();
+  const int64_t tc = kt.gemm_t_cols, tr = kt.gemm_t_rows;
+  const int64_t ntiles = ceil_div(n, tc), rblocks = ceil_div(rows, tr);
+  const int64_t kb_max = std::max<int64_t>(256, kNarrowBlock / (ntiles * tc));
+  const int64_t nkb = ceil_div(K, kb_max), kb = ceil_div(K, nkb);
+  float* xp = t_packt.get(ntiles * kb * tc + 64);
+  // chunks: row blocks, each cut into column groups when there are too few of them to share
+  // out evenly (chunks are claimed one at a time: 11 row blocks on 2 threads ran as 6 + 5)
+  const int64_t groups = serial ? 1 : std::min(ntiles, ceil_div(8 * num_threads(), rblocks));
+  auto col = [&](int64_t j) { return n * j / ntiles; };
+  for (int64_t k0 = 0; k0 < K; k0 += kb) {
+    const int64_t kc = std::min(kb, K - k0);
+    const int mode = (k0 == 0 ? kTileFirst : 0) | (k0 + kc >= K ? kTileLast : 0);
+    parallel_range(ntiles, serial, [&](int64_t j) {
+      kt.gemm_pack_xt(x + col(j) * cs, koff + k0, cs, kc, (int)(col(j + 1) - col(j)),
+                      xp + j * kc * tc);
+    });
+    auto unit = [&](int64_t u) {
+      const int64_t b = u / groups, g = u % groups;
+      const int64_t r0 = b * tr, nrows = std::min(tr, rows - r0);
+      for (int64_t j = ntiles * g / groups; j < ntiles * (g + 1) / groups; ++j) {
+        const int64_t c0 = col(j);
+        Epilogue e = ep;
+        if (e.bias) e.bias += r0;
+        if (e.res) e.res += r0 * e.ld_res + c0;
+        kt.gemm_tile_t(kc, K * kGemmMR, wp + r0 * K + k0 * kGemmMR, xp + j * kc * tc, (int)nrows,
+                       (int)(col(j + 1) - c0), y + r0 * ldy + c0, ldy, mode, e);
+      }
+    };
+    if (serial) for (int64_t u = 0; u < rblocks; ++u) unit(u);
+    else parallel_for(rblocks * groups, unit);
+  }
+}
+
+// The narrow path where the wide one would pad a short row of columns: 7x7 planes (49 columns,
+// padded to 64) and 7x8 phased ones ran 1.15-1.3x faster. Where little or nothing is padded the
+// wide kernel is the faster one (14x14 planes, 196 columns padded to 208: 0.85-0.97x; 28x28:
+// 0.92x), and BERT's 128 tokens are not padded at all (1 thread, AVX-512, ResNet-50 shapes).
+bool narrow_wins(int64_t n) {
+  const KernelTable& kt = kernels();
+  const int64_t nr = kt.gemm_nr, vw = kt.simd_width;
+  const int64_t padded = n / nr * nr + ceil_div(n % nr, vw) * vw;
+  return n <= 128 && padded > n;
 }
 
 // y[:, 0] for a single column: streams each weight panel once at memory speed.
@@ -191,25 +259,23 @@ void dense_gemm(const float* wp, int64_t rows, int64_t K, const float* x, const 
   const int64_t mpanels = ceil_div(rows, kGemmMR);
   int nt = num_threads();
   if (rows * K * n < kSerialWork) nt = 1;
+  if (narrow_wins(n)) return dense_narrow(wp, rows, K, x, koff, cs, n, y, ldy, ep, nt == 1);
   if (nt == 1) {
     dense_block(wp, rows, K, 0, mpanels, x, koff, cs, 0, n, y, ldy, ep);
     return;
   }
-  // wide outputs split by column blocks (each chunk packs only its X); narrow ones by weight
-  // panels (each chunk packs the same X, a small cost next to its share of the FLOPs)
-  const int64_t nr = kernels().gemm_nr, block = 4 * nr;
-  const int64_t col_blocks = ceil_div(n, block);
-  if (col_blocks >= 2 * nt) {
-    parallel_for(col_blocks, [&](int64_t i) {
-      dense_block(wp, rows, K, 0, mpanels, x, koff, cs, i * block, std::min(n, (i + 1) * block), y,
-                  ldy, ep);
-    });
-    return;
-  }
-  const int64_t parts = std::min<int64_t>(mpanels, 8 * nt);
-  parallel_for(parts, [&](int64_t i) {
-    const int64_t p0 = mpanels * i / parts, p1 = mpanels * (i + 1) / parts;
-    if (p1 > p0) dense_block(wp, rows, K, p0, p1, x, koff, cs, 0, n, y, ldy, ep);
+  // Column ranges of near-equal whole panels, each packing only its X, and with few of them
+  // weight-panel ranges too (each packs its X again), so that chunks claimed one at a time come
+  // out even (blocks of 192 columns left 784 as 4 x 192 + 16 and ran as 3 blocks + 2 on 2
+  // threads).
+  const int64_t nr = kernels().gemm_nr, npan = ceil_div(n, nr);
+  const int64_t cparts = std::min<int64_t>(npan, 8 * nt);
+  const int64_t rparts = std::min<int64_t>(mpanels, ceil_div(4 * nt, cparts));
+  parallel_for(cparts * rparts, [&](int64_t i) {
+    const int64_t ci = i / rparts, ri = i % rparts;
+    const int64_t c0 = npan * ci / cparts * nr, c1 = std::min(n, npan * (ci + 1) / cparts * nr);
+    const int64_t p0 = mpanels * ri / rparts, p1 = mpanels * (ri + 1) / rparts;
+    if (c1 > c0 && p1 > p0) dense_block(wp, rows, K, p0, p1, x, koff, cs, c0, c1, y, ldy, ep);
   });
 }
 

@@ -1,6 +1,7 @@
 // The hot loops, written once over the Simd traits and compiled once per ISA.
 // Included by isa_*.cpp inside a per-ISA namespace after Simd is defined; define
-// SPARSIFY_GEMM_R (rows per dense micro-tile) and SPARSIFY_ISA_NAME first.
+// SPARSIFY_GEMM_R (rows per dense micro-tile), SPARSIFY_GEMM_TP / SPARSIFY_GEMM_TC (panels and
+// columns of a narrow tile) and SPARSIFY_ISA_NAME first.
 // No standard-library templates here: an inline template instantiated under -mavx512f could be
 // merged by the linker into the portable build.
 
@@ -201,7 +202,19 @@ static void spmm(const SpmmArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t 
 static void gemm_pack_x(const float* x, const int64_t* koff, int64_t cs, int64_t kc, int64_t nc,
                         float* xp) {
   constexpr int NR = kGemmNV * W;
-  for (int64_t j0 = 0; j0 < nc; j0 += NR) {
+  int64_t j0 = 0;
+  if (cs == 1) {
+    // full panels row by row: each source row is read once, in order, instead of one short
+    // piece per panel from kc rows a plane apart (which cost a TLB walk per piece)
+    const int64_t full = nc / NR;
+    for (int64_t k = 0; k < kc; ++k) {
+      const float* src = x + koff[k];
+      for (int64_t j = 0; j < full; ++j)
+        copy_row<kGemmNV>(src + j * NR, NR, xp + (j * kc + k) * NR);
+    }
+    j0 = full * NR;
+  }
+  for (; j0 < nc; j0 += NR) {
     const int64_t w = imin(NR, nc - j0);
     const int64_t width = (w + W - 1) / W * W;
     float* dst = xp + j0 * kc;
@@ -296,6 +309,191 @@ static void gemm_tile(int64_t kc, const float* wp, const float* xp, int width, i
     case 2: gemm_rows<2>(kc, wp, xp, rows, cols, y, ldy, mode, ep); break;
     default: gemm_rows<3>(kc, wp, xp, rows, cols, y, ldy, mode, ep); break;
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Narrow-output dense GEMM with vectors along the rows: each weight panel's kGemmMR rows at one k
+// are one 8-float vector and each column of X is a broadcast, so a 7x7 plane (49 columns) costs
+// 49 columns of work instead of the 64 that 16-column vectors round it up to. Eight floats are
+// one ymm under AVX-512 (AVX-512VL gives 32 of them; Zen 4 runs two ymm FMAs per cycle, as many
+// flops as one zmm) and AVX2, two xmm in the portable build.
+#if defined(SPARSIFY_SIMD_AVX512) || defined(SPARSIFY_SIMD_AVX2)
+struct P8 { __m256 v; };
+static inline P8 p8_zero() { return {_mm256_setzero_ps()}; }
+static inline P8 p8_set1(float a) { return {_mm256_set1_ps(a)}; }
+static inline P8 p8_load(const float* p) { return {_mm256_loadu_ps(p)}; }
+static inline void p8_store(float* p, P8 a) { _mm256_storeu_ps(p, a.v); }
+static inline P8 p8_fma(P8 a, P8 b, P8 c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+static inline P8 p8_add(P8 a, P8 b) { return {_mm256_add_ps(a.v, b.v)}; }
+static inline P8 p8_clamp(P8 a, P8 lo, P8 hi) {
+  return {_mm256_min_ps(hi.v, _mm256_max_ps(lo.v, a.v))};
+}
+#if defined(SPARSIFY_SIMD_AVX512)
+static inline P8 p8_loadn(const float* p, int n) {
+  return {_mm256_maskz_loadu_ps((__mmask8)((1u << n) - 1u), p)};
+}
+static inline void p8_storen(float* p, P8 a, int n) {
+  _mm256_mask_storeu_ps(p, (__mmask8)((1u << n) - 1u), a.v);
+}
+#else
+static inline P8 p8_loadn(const float* p, int n) { return {Simd::loadn(p, n)}; }
+static inline void p8_storen(float* p, P8 a, int n) { Simd::storen(p, a.v, n); }
+#endif
+// a[i] lane j -> a[j] lane i
+static inline void p8_transpose(P8* a) {
+  const __m256 t0 = _mm256_unpacklo_ps(a[0].v, a[1].v), t1 = _mm256_unpackhi_ps(a[0].v, a[1].v);
+  const __m256 t2 = _mm256_unpacklo_ps(a[2].v, a[3].v), t3 = _mm256_unpackhi_ps(a[2].v, a[3].v);
+  const __m256 t4 = _mm256_unpacklo_ps(a[4].v, a[5].v), t5 = _mm256_unpackhi_ps(a[4].v, a[5].v);
+  const __m256 t6 = _mm256_unpacklo_ps(a[6].v, a[7].v), t7 = _mm256_unpackhi_ps(a[6].v, a[7].v);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  a[0].v = _mm256_permute2f128_ps(u0, u4, 0x20);
+  a[1].v = _mm256_permute2f128_ps(u1, u5, 0x20);
+  a[2].v = _mm256_permute2f128_ps(u2, u6, 0x20);
+  a[3].v = _mm256_permute2f128_ps(u3, u7, 0x20);
+  a[4].v = _mm256_permute2f128_ps(u0, u4, 0x31);
+  a[5].v = _mm256_permute2f128_ps(u1, u5, 0x31);
+  a[6].v = _mm256_permute2f128_ps(u2, u6, 0x31);
+  a[7].v = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+#else
+struct P8 { __m128 a, b; };
+static inline P8 p8_zero() { return {_mm_setzero_ps(), _mm_setzero_ps()}; }
+static inline P8 p8_set1(float a) { return {_mm_set1_ps(a), _mm_set1_ps(a)}; }
+static inline P8 p8_load(const float* p) { return {_mm_loadu_ps(p), _mm_loadu_ps(p + 4)}; }
+static inline void p8_store(float* p, P8 a) { _mm_storeu_ps(p, a.a); _mm_storeu_ps(p + 4, a.b); }
+static inline P8 p8_fma(P8 a, P8 b, P8 c) {
+  return {_mm_add_ps(_mm_mul_ps(a.a, b.a), c.a), _mm_add_ps(_mm_mul_ps(a.b, b.b), c.b)};
+}
+static inline P8 p8_add(P8 a, P8 b) { return {_mm_add_ps(a.a, b.a), _mm_add_ps(a.b, b.b)}; }
+static inline P8 p8_clamp(P8 a, P8 lo, P8 hi) {
+  return {_mm_min_ps(hi.a, _mm_max_ps(lo.a, a.a)), _mm_min_ps(hi.b, _mm_max_ps(lo.b, a.b))};
+}
+static inline P8 p8_loadn(const float* p, int n) {
+  float t[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  std::memcpy(t, p, sizeof(float) * n);
+  return p8_load(t);
+}
+static inline void p8_storen(float* p, P8 a, int n) {
+  float t[8];
+  p8_store(t, a);
+  std::memcpy(p, t, sizeof(float) * n);
+}
+static inline void p8_transpose(P8* a) {
+  float t[8][8];
+  for (int i = 0; i < 8; ++i) p8_store(t[i], a[i]);
+  for (int j = 0; j < 8; ++j) {
+    float r[8];
+    for (int i = 0; i < 8; ++i) r[i] = t[i][j];
+    a[j] = p8_load(r);
+  }
+}
+#endif
+constexpr int kGemmTP = SPARSIFY_GEMM_TP;  // weight panels per narrow tile
+constexpr int kGemmTC = SPARSIFY_GEMM_TC;  // columns per narrow tile, at most
+static_assert(kGemmTC <= 8, "the epilogue transposes 8 x 8 blocks");
+
+// X[k][c] for c < nc packed as [k][kGemmTC] (zero past nc), read by broadcasts.
+static void gemm_pack_xt(const float* x, const int64_t* koff, int64_t cs, int64_t K, int nc,
+                         float* xp) {
+  if (cs == 1 && nc <= W) {
+    for (int64_t k = 0; k < K; ++k) {
+      const V v = nc == W ? Simd::load(x + koff[k]) : Simd::loadn(x + koff[k], nc);
+      if (kGemmTC >= W) Simd::store(xp + k * kGemmTC, v);
+      else Simd::storen(xp + k * kGemmTC, v, kGemmTC);
+    }
+    if (nc < kGemmTC && kGemmTC > W) {
+      for (int64_t k = 0; k < K; ++k)
+        for (int c = nc; c < kGemmTC; ++c) xp[k * kGemmTC + c] = 0.f;
+    }
+    return;
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    for (int c = 0; c < nc; ++c) xp[k * kGemmTC + c] = x[koff[k] + c * cs];
+    for (int c = nc; c < kGemmTC; ++c) xp[k * kGemmTC + c] = 0.f;
+  }
+}
+
+// rows [0, rows) of kGemmTP consecutive panels (panel p at wp + p * pstride) times the packed
+// X tile [kc][kGemmTC]; adds into columns [0, cols) of y unless this K block is the first, and
+// applies the epilogue on the last.
+template <int P, int C>
+static void gemm_micro_t(int64_t kc, int64_t pstride, const float* wp, const float* xp, int rows,
+                         int cols, float* y, int64_t ldy, int mode, const Epilogue& ep) {
+  P8 acc[C][P];
+#pragma GCC unroll 8
+  for (int c = 0; c < C; ++c)
+#pragma GCC unroll 4
+    for (int p = 0; p < P; ++p) acc[c][p] = p8_zero();
+  for (int64_t k = 0; k < kc; ++k) {
+    P8 wv[P];
+#pragma GCC unroll 4
+    for (int p = 0; p < P; ++p) wv[p] = p8_load(wp + p * pstride + k * kGemmMR);
+    const float* xk = xp + k * kGemmTC;
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) {
+      const P8 xv = p8_set1(xk[c]);
+#pragma GCC unroll 4
+      for (int p = 0; p < P; ++p) acc[c][p] = p8_fma(wv[p], xv, acc[c][p]);
+    }
+  }
+  // bias per row is a vector here; then 8 x 8 transposes turn columns into y's row pieces
+  const bool first = mode & kTileFirst, last = mode & kTileLast;
+  const P8 lo = p8_set1(ep.lo), hi = p8_set1(ep.hi);
+  const bool clamp = last && ep.act != kActNone && ep.act != kActGelu;
+#pragma GCC unroll 4
+  for (int p = 0; p < P; ++p) {
+    const int r0 = p * kGemmMR, nr = rows - r0 < kGemmMR ? rows - r0 : kGemmMR;
+    const P8 b = !(last && ep.bias) ? p8_zero() : nr == kGemmMR ? p8_load(ep.bias + r0)
+                                                       : p8_loadn(ep.bias + r0, nr);
+    P8 t[8];
+#pragma GCC unroll 8
+    for (int c = 0; c < 8; ++c) t[c] = p8_zero();
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) t[c] = p8_add(acc[c][p], b);
+    p8_transpose(t);
+    for (int r = 0; r < nr; ++r) {  // nr <= 0 past the last row: nothing to write
+      float* yr = y + (int64_t)(r0 + r) * ldy;
+      P8 v = t[r];
+      if (!first) v = p8_add(v, cols == 8 ? p8_load(yr) : p8_loadn(yr, cols));
+      if (last && ep.res) {
+        const float* rr = ep.res + (int64_t)(r0 + r) * ep.ld_res;
+        v = p8_add(v, cols == 8 ? p8_load(rr) : p8_loadn(rr, cols));
+      }
+      if (clamp) v = p8_clamp(v, lo, hi);
+      if (cols == 8) p8_store(yr, v); else p8_storen(yr, v, cols);
+      if (last && ep.act == kActGelu)  // the vector form: it keeps gelu(-inf) = 0, not NaN
+        for (int c = 0; c < cols; c += W) {
+          const int n = cols - c < W ? cols - c : W;
+          Simd::storen(yr + c, gelu(Simd::loadn(yr + c, n)), n);
+        }
+    }
+  }
+}
+
+template <int C>
+static void gemm_t_cols(int64_t kc, int64_t pstride, const float* wp, const float* xp, int rows,
+                        int cols, float* y, int64_t ldy, int mode, const Epilogue& ep) {
+  if constexpr (C >= 1) {
+    if (cols < C) return gemm_t_cols<C - 1>(kc, pstride, wp, xp, rows, cols, y, ldy, mode, ep);
+    // whole panels only: rows past `rows` read the zero padding of the last panel or, for the
+    // panels after it, are skipped by using a smaller P
+    const int panels = (rows + kGemmMR - 1) / kGemmMR;
+    if (panels >= kGemmTP || kGemmTP == 1)
+      gemm_micro_t<kGemmTP, C>(kc, pstride, wp, xp, rows, cols, y, ldy, mode, ep);
+    else if (kGemmTP >= 3 && panels == 2)
+      gemm_micro_t<(kGemmTP >= 3 ? 2 : 1), C>(kc, pstride, wp, xp, rows, cols, y, ldy, mode, ep);
+    else
+      gemm_micro_t<1, C>(kc, pstride, wp, xp, rows, cols, y, ldy, mode, ep);
+  }
+}
+
+// rows <= kGemmTP * kGemmMR, cols <= kGemmTC; wp at the block's first k, panels pstride apart
+static void gemm_tile_t(int64_t kc, int64_t pstride, const float* wp, const float* xp, int rows,
+                        int cols, float* y, int64_t ldy, int mode, const Epilogue& ep) {
+  gemm_t_cols<kGemmTC>(kc, pstride, wp, xp, rows, cols, y, ldy, mode, ep);
 }
 
 static void gemv(const float* wp, int64_t p0, int64_t p1, int64_t K, const float* xexp,
@@ -506,5 +704,6 @@ static void layer_norm_row(const float* x, int64_t n, const float* scale, const 
 
 static const KernelTable kTable = {
     SPARSIFY_ISA_NAME, W, kGemmNV * W, kSpmmNV * W, &spmm, &gemm_pack_x, &gemm_tile, &gemv,
+    kGemmTP * kGemmMR, kGemmTC, &gemm_pack_xt, &gemm_tile_t,
     &dw_channels, &window_plane, &softmax_row, &layer_norm_row,
 };

@@ -73,6 +73,36 @@ def test_gemm(isa, kind, m, k, n):
     close(kernels.gemm(pw, x), reference.gemm(w, x), scale=scale)
 
 
+# The dense GEMM has two paths: for up to 128 columns that the column tiles would pad, vectors
+# run along the rows (tiles of up to 24 rows x 8 columns on AVX-512), otherwise along the
+# columns. Rows and columns around the tile sizes, K blocks, both paths, 1 and 2 threads.
+DENSE_PATH_SHAPES = [  # (M, K, N)
+    (1, 3, 2), (8, 1, 7), (23, 17, 8), (24, 40, 9), (25, 5, 49), (50, 70, 196), (16, 9, 256),
+    (17, 33, 257), (41, 300, 300), (7, 11, 1000), (30, 2000, 100), (30, 1000, 200),
+]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("m,k,n", DENSE_PATH_SHAPES)
+def test_dense_gemm_both_paths(isa, m, k, n, threads):
+    rng = np.random.default_rng(m * 7 + k * 3 + n)
+    w = rng.standard_normal((m, k)).astype(np.float32)
+    x = rng.standard_normal((k, n)).astype(np.float32)
+    bias = rng.standard_normal(m).astype(np.float32)
+    res = rng.standard_normal((m, n)).astype(np.float32)
+    pw = kernels.PackedWeight.pack(w, "dense")
+    scale = term_scale(w, x)
+    before = kernels.get_num_threads()
+    kernels.set_num_threads(threads)
+    try:
+        for act in ACTS:
+            close(kernels.gemm(pw, x, bias, act, res), reference.gemm(w, x, bias, act, res),
+                  scale=scale)
+            close(kernels.gemm(pw, x, None, act), reference.gemm(w, x, None, act), scale=scale)
+    finally:
+        kernels.set_num_threads(before)
+
+
 @pytest.mark.parametrize("kind", ["sparse", "dense"])
 def test_gemm_all_zero_weight_gives_epilogue_only(isa, kind):
     rng = np.random.default_rng(1)

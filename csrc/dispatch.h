@@ -54,6 +54,7 @@ struct SpmmArgs {
   // padded; only with n0 = 0), or null: each call then packs its own. (Reading X in place
   // instead of packing was measured slower: the strided rows span many pages and lines.)
   const float* packed = nullptr;
+  int64_t packed_ld = 0;  // floats per tile in `packed` (0: K * spmm_nt)
 };
 
 // One flat signature per kernel family (XNNPACK style); drivers own threading and blocking.

@@ -21,7 +21,7 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // Work below this many multiply-adds runs on the calling thread: waking a worker costs more.
 constexpr int64_t kSerialWork = 32 * 1024;
 
-thread_local FloatBuf t_pack, t_packt, t_tile, t_shared;
+thread_local FloatBuf t_pack, t_packt, t_tile, t_shared, t_partial;
 
 void pack_panels(const float* w, int64_t m, int64_t k, int64_t groups, float* dst) {
   const int64_t mg = m / groups, per_group = ceil_div(mg, kGemmMR);
@@ -63,6 +63,41 @@ void pack_shared_tiles(const float* x, const int64_t* koff, int64_t cs, int64_t 
       else for (int64_t j = 0; j < w; ++j) d[j] = x[koff[k] + (c0 + j) * cs];
       for (int64_t j = w; j < nt; ++j) d[j] = 0.f;
     }
+  });
+}
+
+// Few columns and a long K (ResNet-50's 7x7 layers: 49 columns, K up to 4608): each thread runs
+// every row over its own range of K blocks, so it reads only its part of X (which then fits in
+// its L2) and reuses each X vector for all rows; row ranges over the whole of X measured 1.0-1.2x
+// of one thread. Thread 0 sums into y, the others into scratch; one pass adds them up and
+// applies the epilogue.
+void split_k(const KernelTable& kt, const SpmmArgs& a, const SparseLayout& l, int64_t m0,
+             int64_t rows, int64_t n, int64_t parts, float* y, int64_t ldy, const Epilogue& ep,
+             int64_t tile_floats) {
+  float* partial = t_partial.get((parts - 1) * rows * n + 16);
+  const Epilogue none;
+  parallel_for(parts, [&](int64_t p) {
+    const int64_t b0 = l.nblocks * p / parts, b1 = l.nblocks * (p + 1) / parts;
+    SpmmArgs s = a;
+    s.row_ptr = a.row_ptr + b0 * a.rp_stride;
+    s.nblocks = b1 - b0;
+    s.koff = a.koff + b0 * l.kb;
+    s.K = std::min(a.K, b1 * l.kb) - b0 * l.kb;
+    s.packed = a.packed + b0 * l.kb * kt.spmm_nt;
+    float* dst = p == 0 ? y : partial + (p - 1) * rows * n;
+    kt.spmm(s, m0, m0 + rows, 0, n, dst, p == 0 ? ldy : n, none, t_tile.get(tile_floats));
+  });
+  parallel_range(rows, rows * n * parts < kSerialWork, [&](int64_t r) {
+    float* yr = y + r * ldy;
+    for (int64_t p = 1; p < parts; ++p) {
+      const float* q = partial + ((p - 1) * rows + r) * n;
+      for (int64_t j = 0; j < n; ++j) yr[j] += q[j];
+    }
+    const float b = ep.bias ? ep.bias[r] : 0.f;
+    const float* rr = ep.res ? ep.res + r * ep.ld_res : nullptr;
+    for (int64_t j = 0; j < n; ++j) yr[j] += b + (rr ? rr[j] : 0.f);
+    if (ep.act != kActNone)
+      for (int64_t j = 0; j < n; ++j) yr[j] = act_scalar(yr[j], ep.act, ep.lo, ep.hi);
   });
 }
 
@@ -113,11 +148,14 @@ void sparse_gemm(const SparseWeight& w, const SparseLayout& l, int64_t m0, int64
     });
     return;
   }
-  // few columns: row ranges reading X tiles packed once here (each range packing its own copy
-  // cost 8 copies of X at 2 threads)
-  float* sh = t_shared.get(ceil_div(n, kt.spmm_nt) * w.K * kt.spmm_nt);
-  pack_shared_tiles(x, koff, cs, w.K, n, kt.spmm_nt, sh);
+  // few columns: X tiles packed once here, shared by all threads (each range packing its own
+  // copy cost 8 copies of X at 2 threads)
+  const int64_t NT = kt.spmm_nt;
+  float* sh = t_shared.get(ceil_div(n, NT) * w.K * NT);
+  pack_shared_tiles(x, koff, cs, w.K, n, NT, sh);
   a.packed = sh;
+  a.packed_ld = w.K * NT;
+  if (l.nblocks >= 2 * nt) return split_k(kt, a, l, m0, rows, n, nt, y, ldy, ep, tile_floats);
   const int64_t parts = 4 * nt;  // no packing per range: small ranges cost little, balance well
   parallel_for(parts, [&](int64_t i) {
     const int64_t r0 = split(i, parts), r1 = split(i + 1, parts);

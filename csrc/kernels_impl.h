@@ -158,7 +158,8 @@ static void spmm(const SpmmArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t 
     const int64_t width = imin(NT, n1 - n);
     const int nv = (int)((width + W - 1) / W);
     const int tail = (int)(width - (int64_t)(nv - 1) * W);
-    const float* shared = a.packed ? a.packed + (n / NT) * a.K * NT : nullptr;
+    const float* shared =
+        a.packed ? a.packed + (n / NT) * (a.packed_ld ? a.packed_ld : a.K * NT) : nullptr;
     e.res = ep.res ? ep.res + n : nullptr;
     for (int64_t b = 0; b < a.nblocks; ++b) {
       const int64_t k0 = b * a.kb, kc = imin(a.kb, a.K - k0);

@@ -36,13 +36,13 @@ class FloatBuf {
   size_t n_ = 0;
 };
 
-// The sparse kernel's view of a weight (see SpmmArgs): rows sorted by nonzero count within each
-// group, K cut into blocks, offsets scaled to the packed tile width.
+// The sparse kernel's view of a weight (see SpmmArgs): K cut into blocks, offsets scaled to the
+// packed tile width.
 struct SparseLayout {
   int64_t nblocks = 1, kb = 0;
-  std::vector<int32_t> row_ptr, off, perm;
+  std::vector<int32_t> row_ptr, off;
   std::vector<float> val;
-  std::vector<int64_t> nnz_prefix;  // over sorted rows, to balance threads
+  std::vector<int64_t> nnz_prefix;  // nonzeros before each row, to balance threads
 };
 
 // CSR over rows of W[M, K]; column indices are K offsets.
@@ -52,12 +52,12 @@ struct SparseWeight {
   SparseWeight& operator=(const SparseWeight&) = delete;
   void to_dense(float* out) const;
   int64_t nnz() const { return row_ptr.back(); }
-  // Built once per (groups, tile width) and kept; call with the GIL held.
-  const SparseLayout& layout_for(int64_t groups, int tile_cols);
+  // Built once per tile width and kept; call with the GIL held.
+  const SparseLayout& layout_for(int tile_cols);
   int64_t M, K;
   std::vector<int32_t> row_ptr, col;
   std::vector<float> val;
-  std::map<std::pair<int64_t, int>, std::unique_ptr<SparseLayout>> layouts;
+  std::map<int, std::unique_ptr<SparseLayout>> layouts;
 };
 
 // Rows grouped in panels of kGemmMR, interleaved along K: [panel][k][kGemmMR], zero padded.

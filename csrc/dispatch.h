@@ -37,15 +37,17 @@ constexpr int kGemmMR = 8;
 // Modes of a dense tile: first K block starts from zero, last applies the epilogue.
 enum TileMode : int { kTileFirst = 1, kTileLast = 2 };
 
-// A sparse weight laid out for the kernel: rows sorted by nonzero count inside each group (so
-// the inner loop's trip count repeats and its exit branch predicts), and K cut into blocks of
-// `kb` so one packed X tile (kb x spmm_nt floats, in scratch) stays in L2.
+// A sparse weight laid out for the kernel: rows in their own order and K cut into blocks of
+// `kb` so one packed X tile (kb x spmm_nt floats, in scratch) stays in L2. (Rows sorted by
+// nonzero count, for a predictable inner-loop exit, wrote the output and read the residual in
+// random row order: 1.3-1.5x slower into an output buffer not in cache, as every engine run's
+// is, and no faster on a hot one.)
 struct SpmmArgs {
   const int32_t* row_ptr;  // [nblocks][rows + 1], indexes off / val
   int64_t rp_stride;       // rows + 1
   const int32_t* off;      // (col - block start) * spmm_nt: where the nonzero reads the tile
   const float* val;
-  const int32_t* perm;     // sorted row -> output row (relative to y, bias and res)
+  int64_t row0;            // the weight row that is row 0 of y, bias and res (a group's first)
   int64_t nblocks, kb, K;
   const int64_t* koff;     // X(k, n) = x[koff[k] + n * cs]
   const float* x;
@@ -64,7 +66,7 @@ struct KernelTable {
   int gemm_nr;     // columns of a full packed-X panel
   int spmm_nt;     // columns of a sparse-kernel tile
 
-  // f32 sparse x dense, Y = W X over sorted rows [m0, m1) and columns [n0, n1); see SpmmArgs.
+  // f32 sparse x dense, Y = W X over weight rows [m0, m1) and columns [n0, n1); see SpmmArgs.
   void (*spmm)(const SpmmArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1, float* y,
                int64_t ldy, const Epilogue& ep, float* scratch);
 

@@ -106,8 +106,8 @@ void sparse_gemm(const SparseWeight& w, const SparseLayout& l, int64_t m0, int64
                  int64_t ldy, const Epilogue& ep) {
   if (n == 1) return sparse_gemv(w, m0, rows, x, koff, y, ldy, ep);
   const KernelTable& kt = kernels();
-  SpmmArgs a{l.row_ptr.data(), w.M + 1, l.off.data(), l.val.data(), l.perm.data(), l.nblocks,
-             l.kb, w.K, koff, x, cs};
+  SpmmArgs a{l.row_ptr.data(), w.M + 1, l.off.data(), l.val.data(), m0, l.nblocks, l.kb, w.K,
+             koff, x, cs};
   const int64_t* pre = l.nnz_prefix.data();
   const int64_t nnz = pre[m0 + rows] - pre[m0];
   int nt = num_threads();
@@ -369,31 +369,21 @@ WeightRef bind_weight(SparseWeight* sw, DenseWeight* dw, const std::vector<int64
   WeightRef w;
   if (sw) {
     w.sparse = sw;
-    w.layout = &sw->layout_for(groups, kernels().spmm_nt);
+    w.layout = &sw->layout_for(kernels().spmm_nt);
   } else {
     w.dense_panels = dw->panels_for(groups, &w.panels_per_group);
   }
   return w;
 }
 
-const SparseLayout& SparseWeight::layout_for(int64_t groups, int tile_cols) {
-  auto& slot = layouts[{groups, tile_cols}];
+const SparseLayout& SparseWeight::layout_for(int tile_cols) {
+  auto& slot = layouts[tile_cols];
   if (slot) return *slot;
   auto l = std::make_unique<SparseLayout>();
   // K blocks small enough that one packed tile (kb x tile_cols floats) stays in L2
   const int64_t kb_max = std::max<int64_t>(1, kSpmmTileBytes / (4 * tile_cols));
   l->nblocks = std::max<int64_t>(1, ceil_div(K, kb_max));
   l->kb = std::max<int64_t>(1, ceil_div(K, l->nblocks));
-  const int64_t mg = M / groups;
-  l->perm.resize(M);
-  std::vector<int32_t> order(M);
-  for (int64_t g = 0; g < groups; ++g) {
-    for (int64_t i = 0; i < mg; ++i) order[g * mg + i] = (int32_t)(g * mg + i);
-    std::stable_sort(order.begin() + g * mg, order.begin() + (g + 1) * mg, [&](int32_t a, int32_t b) {
-      return row_ptr[a + 1] - row_ptr[a] > row_ptr[b + 1] - row_ptr[b];
-    });
-    for (int64_t i = 0; i < mg; ++i) l->perm[g * mg + i] = (int32_t)(order[g * mg + i] - g * mg);
-  }
   l->row_ptr.assign(l->nblocks * (M + 1), 0);
   l->off.reserve(col.size());
   l->val.reserve(col.size());
@@ -401,8 +391,7 @@ const SparseLayout& SparseWeight::layout_for(int64_t groups, int tile_cols) {
     const int64_t k0 = b * l->kb, k1 = std::min(K, k0 + l->kb);
     int32_t* rp = l->row_ptr.data() + b * (M + 1);
     rp[0] = (int32_t)l->off.size();
-    for (int64_t i = 0; i < M; ++i) {
-      const int32_t r = order[i];
+    for (int64_t r = 0; r < M; ++r) {
       // columns are sorted within a row, so each block is one contiguous run
       const int32_t* c = col.data();
       const int32_t lo = (int32_t)(std::lower_bound(c + row_ptr[r], c + row_ptr[r + 1], k0) - c);
@@ -411,13 +400,12 @@ const SparseLayout& SparseWeight::layout_for(int64_t groups, int tile_cols) {
         l->off.push_back((int32_t)((col[j] - k0) * tile_cols));
         l->val.push_back(val[j]);
       }
-      rp[i + 1] = (int32_t)l->off.size();
+      rp[r + 1] = (int32_t)l->off.size();
     }
   }
   l->nnz_prefix.resize(M + 1);
   l->nnz_prefix[0] = 0;
-  for (int64_t i = 0; i < M; ++i)
-    l->nnz_prefix[i + 1] = l->nnz_prefix[i] + row_ptr[order[i] + 1] - row_ptr[order[i]];
+  for (int64_t r = 0; r < M; ++r) l->nnz_prefix[r + 1] = row_ptr[r + 1];
   slot = std::move(l);
   return *slot;
 }

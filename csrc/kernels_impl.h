@@ -81,13 +81,13 @@ static inline V activate(V v, int act, V lo, V hi) {
 // matching row of the packed X tile. U nonzeros go into U accumulator sets so consecutive FMAs
 // do not wait on each other. Mode says whether this K block starts (zero) or ends (epilogue).
 template <int NV, int U, bool TAIL>
-static void spmm_tile(const int32_t* rp, const int32_t* off, const float* val, const int32_t* perm,
+static void spmm_tile(const int32_t* rp, const int32_t* off, const float* val, int64_t row0,
                       int64_t m0, int64_t m1, const float* x, int tail, float* y, int64_t ldy,
                       int mode, const Epilogue& ep) {
   const V lo = Simd::set1(ep.lo), hi = Simd::set1(ep.hi);
   const bool first = mode & kTileFirst, last = mode & kTileLast;
   for (int64_t m = m0; m < m1; ++m) {
-    const int64_t r = perm[m];
+    const int64_t r = m - row0;
     float* yr = y + r * ldy;
     V a[U][NV];
 #pragma GCC unroll 8
@@ -136,13 +136,13 @@ static void spmm_tile(const int32_t* rp, const int32_t* off, const float* val, c
 // Column remainder: picks the tile with exactly nv vectors, the last one partial.
 template <int NV>
 static void spmm_tail(int nv, const int32_t* rp, const int32_t* off, const float* val,
-                      const int32_t* perm, int64_t m0, int64_t m1, const float* x, int tail,
+                      int64_t row0, int64_t m0, int64_t m1, const float* x, int tail,
                       float* y, int64_t ldy, int mode, const Epilogue& ep) {
   if constexpr (NV >= 1) {
     if (nv == NV)
-      spmm_tile<NV, kSpmmU, true>(rp, off, val, perm, m0, m1, x, tail, y, ldy, mode, ep);
+      spmm_tile<NV, kSpmmU, true>(rp, off, val, row0, m0, m1, x, tail, y, ldy, mode, ep);
     else
-      spmm_tail<NV - 1>(nv, rp, off, val, perm, m0, m1, x, tail, y, ldy, mode, ep);
+      spmm_tail<NV - 1>(nv, rp, off, val, row0, m0, m1, x, tail, y, ldy, mode, ep);
   }
 }
 
@@ -190,10 +190,10 @@ static void spmm(const SpmmArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t 
       const int32_t* rp = a.row_ptr + b * a.rp_stride;
       const int mode = (b == 0 ? kTileFirst : 0) | (b + 1 == a.nblocks ? kTileLast : 0);
       if (width == NT)
-        spmm_tile<kSpmmNV, kSpmmU, false>(rp, a.off, a.val, a.perm, m0, m1, xb, W, y + n, ldy,
+        spmm_tile<kSpmmNV, kSpmmU, false>(rp, a.off, a.val, a.row0, m0, m1, xb, W, y + n, ldy,
                                           mode, e);
       else
-        spmm_tail<kSpmmNV>(nv, rp, a.off, a.val, a.perm, m0, m1, xb, tail, y + n, ldy, mode, e);
+        spmm_tail<kSpmmNV>(nv, rp, a.off, a.val, a.row0, m0, m1, xb, tail, y + n, ldy, mode, e);
     }
   }
 }

@@ -40,7 +40,8 @@ class FloatBuf {
 // packed tile width.
 struct SparseLayout {
   int64_t nblocks = 1, kb = 0;
-  std::vector<int32_t> row_ptr, off;
+  std::vector<int32_t> row_ptr;
+  std::vector<uint16_t> off;
   std::vector<float> val;
   std::vector<int64_t> nnz_prefix;  // nonzeros before each row, to balance threads
 };

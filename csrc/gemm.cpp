@@ -382,6 +382,7 @@ const SparseLayout& SparseWeight::layout_for(int tile_cols) {
   auto l = std::make_unique<SparseLayout>();
   // K blocks small enough that one packed tile (kb x tile_cols floats) stays in L2
   const int64_t kb_max = std::max<int64_t>(1, kSpmmTileBytes / (4 * tile_cols));
+  static_assert(kSpmmTileBytes / 4 <= 65536, "tile offsets are 16 bits");
   l->nblocks = std::max<int64_t>(1, ceil_div(K, kb_max));
   l->kb = std::max<int64_t>(1, ceil_div(K, l->nblocks));
   l->row_ptr.assign(l->nblocks * (M + 1), 0);
@@ -397,7 +398,7 @@ const SparseLayout& SparseWeight::layout_for(int tile_cols) {
       const int32_t lo = (int32_t)(std::lower_bound(c + row_ptr[r], c + row_ptr[r + 1], k0) - c);
       const int32_t hi = (int32_t)(std::lower_bound(c + row_ptr[r], c + row_ptr[r + 1], k1) - c);
       for (int32_t j = lo; j < hi; ++j) {
-        l->off.push_back((int32_t)((col[j] - k0) * tile_cols));
+        l->off.push_back((uint16_t)((col[j] - k0) * tile_cols));
         l->val.push_back(val[j]);
       }
       rp[r + 1] = (int32_t)l->off.size();

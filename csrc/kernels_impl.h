@@ -81,7 +81,7 @@ static inline V activate(V v, int act, V lo, V hi) {
 // matching row of the packed X tile. U nonzeros go into U accumulator sets so consecutive FMAs
 // do not wait on each other. Mode says whether this K block starts (zero) or ends (epilogue).
 template <int NV, int U, bool TAIL>
-static void spmm_tile(const int32_t* rp, const int32_t* off, const float* val, int64_t row0,
+static void spmm_tile(const int32_t* rp, const uint16_t* off, const float* val, int64_t row0,
                       int64_t m0, int64_t m1, const float* x, int tail, float* y, int64_t ldy,
                       int mode, const Epilogue& ep) {
   const V lo = Simd::set1(ep.lo), hi = Simd::set1(ep.hi);
@@ -135,7 +135,7 @@ static void spmm_tile(const int32_t* rp, const int32_t* off, const float* val, i
 
 // Column remainder: picks the tile with exactly nv vectors, the last one partial.
 template <int NV>
-static void spmm_tail(int nv, const int32_t* rp, const int32_t* off, const float* val,
+static void spmm_tail(int nv, const int32_t* rp, const uint16_t* off, const float* val,
                       int64_t row0, int64_t m0, int64_t m1, const float* x, int tail,
                       float* y, int64_t ldy, int mode, const Epilogue& ep) {
   if constexpr (NV >= 1) {

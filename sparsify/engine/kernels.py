@@ -32,21 +32,32 @@ __all__ = [
 ]
 
 
-def sparse_wins(shape: tuple[int, int], sparsity: float) -> bool:
-    """Whether the sparse kernel beats the dense one for a weight [M, K] with this sparsity.
+def sparse_wins(shape: tuple[int, int], sparsity: float, isa: str | None = None) -> bool:
+    """Whether the sparse kernel beats the dense one for a weight [M, K] with this sparsity, on
+    the instruction set the core runs (``isa``: the active one by default).
 
     Measured with ``scripts/bench_kernels.py --only crossover`` (1 thread, CPU time, min of
-    repeats, AVX-512) on the GEMM form of every ResNet-50 conv and BERT-base linear shape: the
-    break-even sparsity was 0.30-0.49 for K < 2048 and 0.49-0.52 for K >= 2048, where the
-    dense kernel's long register-blocked reductions are at their best (two runs agreed within
-    a few points). The thresholds sit just above each band, where sparse already wins by
-    5-25%, so a layer near the line keeps the kernel whose speed varies less. Small weights
-    follow the same rule: the column count is unknown at packing time and MobileNetV2's
-    [96, 16] .. [192, 32] 1x1 convs on 28x28-112x112 planes ran 1.6-2.3x faster sparse at 70%
-    zeros (they stayed dense below 90% before, which missed every one pruned to 89.97%).
+    repeats) on the GEMM form of every ResNet-50 conv and BERT-base linear shape; the
+    thresholds sit just above each band of break-even sparsities, where sparse already wins by
+    5-25%, so a layer near the line keeps the kernel whose speed varies less.
+
+    - AVX-512 (Zen 5): break-even 0.30-0.49 for K < 2048 and 0.49-0.52 for K >= 2048, where the
+      dense kernel's long register-blocked reductions are at their best.
+    - AVX2 (Zen 3), also used for the portable build: 0.30-0.38 for K <= 256, where the dense
+      kernel reloads its output tile every few steps, but 0.52-0.60 for K from 512 and up to
+      0.63 for K >= 2048: the sparse kernel does one load per multiply-add, and AVX2's
+      half-width vectors halve what each load carries. At 50% zeros and K = 1024 the sparse
+      kernel ran 1.3x slower than dense there.
+
+    Small weights follow the same rule: the column count is unknown at packing time and
+    MobileNetV2's [96, 16] .. [192, 32] 1x1 convs on 28x28-112x112 planes ran 1.6-2.3x faster
+    sparse at 70% zeros (they stayed dense below 90% before, which missed every one pruned to
+    89.97%).
     """
     m, k = shape
-    return sparsity >= (0.55 if k >= 2048 else 0.5)
+    if (isa or _core.isa()) == "avx512":
+        return sparsity >= (0.55 if k >= 2048 else 0.5)
+    return sparsity >= (0.4 if k <= 256 else 0.62 if k < 2048 else 0.65)
 
 
 class PackedWeight:

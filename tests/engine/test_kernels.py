@@ -552,6 +552,17 @@ def test_pack_auto_and_attributes():
         np.testing.assert_array_equal(kernels.PackedWeight.pack(w, kind).to_dense(), w)
 
 
+def test_kernel_choice_follows_the_isa_crossover():
+    # AVX2's sparse kernel needs more zeros to win on long reductions than AVX-512's does
+    assert kernels.sparse_wins((256, 1024), 0.55, isa="avx512")
+    assert not kernels.sparse_wins((256, 1024), 0.55, isa="avx2")
+    assert kernels.sparse_wins((256, 1024), 0.7, isa="avx2")
+    assert kernels.sparse_wins((64, 256), 0.45, isa="avx2")  # short K: the dense kernel is weak
+    assert not kernels.sparse_wins((512, 4608), 0.6, isa="portable")
+    assert not kernels.sparse_wins((512, 4608), 0.52, isa="avx512")
+    assert kernels.sparse_wins((512, 4608), 0.9)  # whatever this machine runs
+
+
 def test_misuse_raises_input_error():
     pw = kernels.PackedWeight.pack(np.ones((4, 6), np.float32))
     with pytest.raises(InputError, match=r"expected \[6, N\]"):

@@ -77,6 +77,7 @@ static int default_threads() {
 }
 
 int num_threads() {
+  if (in_parallel_task()) return 1;
   if (g_threads <= 0) g_threads = default_threads();
   return g_threads;
 }

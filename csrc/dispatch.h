@@ -130,7 +130,11 @@ const KernelTable& table_avx512();
 const KernelTable& table_avx2();
 const KernelTable& table_portable();
 
+// The thread count kernels plan for: 1 inside a chunk of parallel_for (which runs nested work
+// inline), so a layer run per image on each thread does not split itself for threads it will
+// not get (extra X packings, partial sums to add).
 int num_threads();
 void set_num_threads(int n);
+bool in_parallel_task();  // parallel.cpp
 
 }  // namespace sparsify

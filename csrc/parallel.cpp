@@ -119,6 +119,8 @@ Pool& pool() {
 
 }  // namespace
 
+bool in_parallel_task() { return t_in_task; }
+
 void parallel_for(int64_t chunks, const std::function<void(int64_t)>& fn) {
   if (chunks <= 0) return;
   const int threads = num_threads();

@@ -10,6 +10,8 @@ weight [M, C/group, kh, kw] is packed as the matrix [M, C/group * kh * kw].
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from sparsify.engine.reference import conv_out_size, parse_act
@@ -407,7 +409,7 @@ def batched_matmul(a, x, out=None):
     shape = a.shape[:-1] + x.shape[-1:]
     y = _out(out, shape, "batched_matmul")
     m, k, n = a.shape[-2], a.shape[-1], x.shape[-1]
-    batch = int(np.prod(a.shape[:-2]))
+    batch = math.prod(a.shape[:-2])
     _core.batched_matmul(a.reshape(batch, m, k), x.reshape(batch, k, n), y.reshape(batch, m, n))
     return y
 

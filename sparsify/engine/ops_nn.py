@@ -313,7 +313,7 @@ def LogSoftmax(input, axis=-1):  # noqa: A002
 
 def _as_2d(fn, x, axis):
     axis = axis + x.ndim if axis < 0 else axis
-    return fn(x.reshape(int(np.prod(x.shape[:axis])), -1), axis=1).reshape(x.shape)
+    return fn(x.reshape(math.prod(x.shape[:axis]), -1), axis=1).reshape(x.shape)
 
 
 def Softmax_1(input, axis=1):  # noqa: A002

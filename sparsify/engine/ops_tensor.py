@@ -7,6 +7,8 @@ An op with several outputs returns a tuple. The table that maps names to functio
 
 from __future__ import annotations
 
+import math
+
 import functools
 
 import numpy as np
@@ -205,7 +207,8 @@ def Reshape(data, shape, allowzero=0):
 
 def Flatten(input, axis=1):  # noqa: A002
     axis = axis + input.ndim if axis < 0 else axis
-    return input.reshape(int(np.prod(input.shape[:axis])), int(np.prod(input.shape[axis:])))
+    # math.prod on the shape tuple: np.prod converts it to an array first (~5 us a call)
+    return input.reshape(math.prod(input.shape[:axis]), math.prod(input.shape[axis:]))
 
 
 def Transpose(data, perm=None):

@@ -79,9 +79,31 @@ def _export(model, x, dynamo=False):
     return onnx.load_from_string(f.getvalue())
 
 
-def _ort(proto, x, optimized_path=None):
+def _ort_int8_matmul_exact() -> bool:
+    """Whether onnxruntime's fused uint8 x int8 MatMul kernels compute exactly on this CPU.
+
+    On x86 without VNNI they multiply with AVX2's vpmaddubsw, which adds pairs of products in
+    saturating int16 (onnxruntime documents this and suggests 7-bit weights, reduce_range): on a
+    Zen 3 machine the transformer below came out 27% off the fake-quant model, while onnxruntime
+    with graph optimizations off, which runs the QDQ nodes as written, and sparsify's engine
+    matched it to 1e-7.
+    """
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return True
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+def _ort(proto, x, optimized_path=None, optimize=True):
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if optimized_path:
         so.optimized_model_filepath = str(optimized_path)
     sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
@@ -156,8 +178,10 @@ def test_qdq_transformer_matmul_weights_matched_by_value():
     onnx.checker.check_model(qdq)
     dq = [n for n in qdq.graph.node if n.op_type == "DequantizeLinear"]
     assert sum(any(a.name == "axis" and a.i == 1 for a in n.attribute) for n in dq) == 5  # q, k, v, fc1, fc2
-    out = _ort(qdq, x)
-    assert np.abs(out - fq_out).max() < 0.02 * max(np.abs(fq_out).max(), 1e-3) + 1e-4
+    # the QDQ semantics as written, on every CPU; the fused integer kernels where they are exact
+    for optimize in (False, True) if _ort_int8_matmul_exact() else (False,):
+        out = _ort(qdq, x, optimize=optimize)
+        assert np.abs(out - fq_out).max() < 0.02 * max(np.abs(fq_out).max(), 1e-3) + 1e-4
     # the two attention MatMuls between activations stay FP32
     float_mm = [n for n in qdq.graph.node if n.op_type == "MatMul"
                 and not any(i.endswith("_dequantized") for i in n.input[1:])]

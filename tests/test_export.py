@@ -190,6 +190,7 @@ def test_compressed_int8_weights(tiny_input, tmp_path):
 
 
 def test_int8_calibration_resnet18(tmp_path, caplog):
+    torch.manual_seed(0)
     model = prune_(create_model("resnet18", **SMALL_IMAGE))
     x = sample_input("resnet18", 1, **SMALL_IMAGE)
     calib = [torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(i))
@@ -213,6 +214,23 @@ def test_int8_calibration_resnet18(tmp_path, caplog):
     # every pruned zero is an int8 zero; counts equal the model's unless rounding added some
     for name, zeros in zeros_by_weight(model).items():
         assert report.zeros[name][0] == zeros + report.new_zeros.get(name, 0)
+
+
+def test_int8_check_runs_the_file_as_written_where_fused_kernels_saturate(tmp_path, caplog,
+                                                                           monkeypatch):
+    torch.manual_seed(0)
+    model = prune_(create_model("resnet18", **SMALL_IMAGE))
+    x = sample_input("resnet18", 1, **SMALL_IMAGE)
+    calib = [torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(i))
+             for i in range(3)]
+    monkeypatch.setattr(export_checks, "fused_int8_exact", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="sparsify.export"):
+        report = export(model, tmp_path / "q.onnx", x, format="int8", calibration_data=calib)
+    assert not report.check_optimized and "saturating int16" in caplog.text
+    # as written, the file computes what the fake-quantized model does
+    assert report.top1_agreement == 1.0 and report.max_rel_error < 0.01
+    monkeypatch.setattr(export_checks, "fused_int8_exact", lambda: True)
+    assert export(model, tmp_path / "f.onnx", x).check_optimized  # FP32 always runs optimized
 
 
 def test_int8_qat_model_uses_its_scales(tiny, tiny_input, tmp_path):

@@ -14,6 +14,7 @@ from torch import nn
 
 from sparsify import quant
 from sparsify.errors import ExportError
+from sparsify.export_checks import fused_int8_exact
 from sparsify.qdq import to_qdq
 
 torch.set_num_threads(1)
@@ -77,26 +78,6 @@ def _export(model, x, dynamo=False):
         torch.onnx.export(model, (x,), f, dynamo=False, opset_version=17,
                           input_names=["input"], dynamic_axes={"input": {0: "batch"}})
     return onnx.load_from_string(f.getvalue())
-
-
-def _ort_int8_matmul_exact() -> bool:
-    """Whether onnxruntime's fused uint8 x int8 MatMul kernels compute exactly on this CPU.
-
-    On x86 without VNNI they multiply with AVX2's vpmaddubsw, which adds pairs of products in
-    saturating int16 (onnxruntime documents this and suggests 7-bit weights, reduce_range): on a
-    Zen 3 machine the transformer below came out 27% off the fake-quant model, while onnxruntime
-    with graph optimizations off, which runs the QDQ nodes as written, and sparsify's engine
-    matched it to 1e-7.
-    """
-    import platform
-
-    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
-        return True
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
 def _ort(proto, x, optimized_path=None, optimize=True):
@@ -179,7 +160,8 @@ def test_qdq_transformer_matmul_weights_matched_by_value():
     dq = [n for n in qdq.graph.node if n.op_type == "DequantizeLinear"]
     assert sum(any(a.name == "axis" and a.i == 1 for a in n.attribute) for n in dq) == 5  # q, k, v, fc1, fc2
     # the QDQ semantics as written, on every CPU; the fused integer kernels where they are exact
-    for optimize in (False, True) if _ort_int8_matmul_exact() else (False,):
+    # (on x86 without VNNI the fused kernels saturate in int16: 27% off on Zen 3)
+    for optimize in (False, True) if fused_int8_exact() else (False,):
         out = _ort(qdq, x, optimize=optimize)
         assert np.abs(out - fq_out).max() < 0.02 * max(np.abs(fq_out).max(), 1e-3) + 1e-4
     # the two attention MatMuls between activations stay FP32

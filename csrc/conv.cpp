@@ -148,8 +148,11 @@ ConvPlan plan_conv(const ConvShape& s, bool sparse) {
   const bool free_waste = sparse && (s.oh * p.wq + vw - 1) / vw <= (s.oh * s.ow + vw - 1) / vw;
   // The sparse kernel tolerates more waste than the dense one: its im2col copy is a larger share
   // of a layer that does a tenth of the products (ResNet-50's 3x3 on 7x7, 29% wasted columns:
-  // 0.76 ms phased against 0.88 with im2col, AVX2, 90% sparse).
-  const int64_t max_waste = sparse ? 135 : 118;
+  // 0.76 ms phased against 0.88 with im2col, AVX2, 90% sparse). The dense kernel pays for every
+  // wasted column: 14x14 outputs (16 columns a row, 14% waste) ran 3.18 ms phased against 3.03
+  // with im2col, and 7x7 ones (8 a row) 4.05 against 3.19, where im2col's 49 columns also take
+  // the narrow kernel (ResNet-50's 256- and 512-channel 3x3 convs, 1 thread, AVX2).
+  const int64_t max_waste = sparse ? 135 : 110;
   if (p.wq * 100 <= s.ow * max_waste || free_waste) {
     p.mode = ConvPlan::kPhased;
     p.n_virtual = s.oh * p.wq;

@@ -73,6 +73,16 @@ const float* same_or_null(const OptIn& r, int64_t n, const char* what) {
   return r->data();
 }
 
+// An operand that shares memory with the output is copied first, except a residual that is the
+// output itself under the sparse kernel, which reads each residual element before writing that
+// output element (the engine writes a residual layer into its residual's buffer).
+const float* unaliased(const float* a, int64_t n, const float* y, int64_t ny, bool same_ok,
+                       std::vector<float>& copy) {
+  if (!a || n <= 0 || ny <= 0 || a + n <= y || y + ny <= a || (same_ok && a == y)) return a;
+  copy.assign(a, a + n);
+  return copy.data();
+}
+
 void check_out(const Out& y, std::initializer_list<int64_t> shape, const char* what) {
   expect(y.ndim() == shape.size(), std::string(what) + ": out has the wrong rank");
   size_t i = 0;
@@ -157,9 +167,12 @@ NB_MODULE(_core, mod) {
     ep.act = a.act; ep.lo = a.lo; ep.hi = a.hi;
     std::vector<int64_t> koff(k);
     for (int64_t i = 0; i < k; ++i) koff[i] = i * n;
+    std::vector<float> x_copy, res_copy;
+    const float* xp = unaliased(x.data(), k * n, y.data(), m * n, false, x_copy);
+    ep.res = unaliased(ep.res, m * n, y.data(), m * n, sw != nullptr, res_copy);
     const WeightRef w = bind_weight(sw, dw, koff);
     nb::gil_scoped_release nogil;
-    run_gemm(w, 0, m, k, x.data(), koff.data(), 1, n, y.data(), n, ep);
+    run_gemm(w, 0, m, k, xp, koff.data(), 1, n, y.data(), n, ep);
   }, nb::arg("w"), nb::arg("x"), nb::arg("bias").none(), nb::arg("act"), nb::arg("lo"), nb::arg("hi"),
      nb::arg("residual").none(), nb::arg("out"));
 
@@ -222,11 +235,14 @@ NB_MODULE(_core, mod) {
            std::to_string(s.c) + " input channels, group " + std::to_string(group));
     const ActArgs a = act_args(act, lo, hi);
     const float* b = vec_or_null(bias, m, "conv bias");
-    const float* r = same_or_null(res, numel(y), "conv residual");
+    std::vector<float> x_copy, res_copy;
+    const float* xp = unaliased(x.data(), numel(x), y.data(), numel(y), false, x_copy);
+    const float* r = unaliased(same_or_null(res, numel(y), "conv residual"), numel(y), y.data(),
+                               numel(y), sw != nullptr, res_copy);
     const ConvPlan plan = plan_conv(s, sw != nullptr);
     const WeightRef w = bind_weight(sw, dw, plan.koff, group);  // caches: needs the GIL
     nb::gil_scoped_release nogil;
-    run_conv2d(w, plan, x.data(), s, b, r, a.act, a.lo, a.hi, y.data());
+    run_conv2d(w, plan, xp, s, b, r, a.act, a.lo, a.hi, y.data());
   });
 
   mod.def("depthwise_conv2d", [](In w, In x, int sh, int sw, int pt, int pl, int pb, int pr, int dh,

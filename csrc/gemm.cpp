@@ -69,13 +69,17 @@ void pack_shared_tiles(const float* x, const int64_t* koff, int64_t cs, int64_t 
 // Few columns and a long K (ResNet-50's 7x7 layers: 49 columns, K up to 4608): each thread runs
 // every row over its own range of K blocks, so it reads only its part of X (which then fits in
 // its L2) and reuses each X vector for all rows; row ranges over the whole of X measured 1.0-1.2x
-// of one thread. Thread 0 sums into y, the others into scratch; one pass adds them up and
-// applies the epilogue.
+// of one thread. Thread 0 sums into y starting from the residual (as the tile kernel does, so y
+// may be the residual's buffer), the others into scratch; one pass adds them up and applies the
+// bias and activation.
 void split_k(const KernelTable& kt, const SpmmArgs& a, const SparseLayout& l, int64_t m0,
              int64_t rows, int64_t n, int64_t parts, float* y, int64_t ldy, const Epilogue& ep,
              int64_t tile_floats) {
   float* partial = t_partial.get((parts - 1) * rows * n + 16);
   const Epilogue none;
+  Epilogue first;
+  first.res = ep.res;
+  first.ld_res = ep.ld_res;
   parallel_for(parts, [&](int64_t p) {
     const int64_t b0 = l.nblocks * p / parts, b1 = l.nblocks * (p + 1) / parts;
     SpmmArgs s = a;
@@ -85,7 +89,8 @@ void split_k(const KernelTable& kt, const SpmmArgs& a, const SparseLayout& l, in
     s.K = std::min(a.K, b1 * l.kb) - b0 * l.kb;
     s.packed = a.packed + b0 * l.kb * kt.spmm_nt;
     float* dst = p == 0 ? y : partial + (p - 1) * rows * n;
-    kt.spmm(s, m0, m0 + rows, 0, n, dst, p == 0 ? ldy : n, none, t_tile.get(tile_floats));
+    kt.spmm(s, m0, m0 + rows, 0, n, dst, p == 0 ? ldy : n, p == 0 ? first : none,
+            t_tile.get(tile_floats));
   });
   parallel_range(rows, rows * n * parts < kSerialWork, [&](int64_t r) {
     float* yr = y + r * ldy;
@@ -94,8 +99,7 @@ void split_k(const KernelTable& kt, const SpmmArgs& a, const SparseLayout& l, in
       for (int64_t j = 0; j < n; ++j) yr[j] += q[j];
     }
     const float b = ep.bias ? ep.bias[r] : 0.f;
-    const float* rr = ep.res ? ep.res + r * ep.ld_res : nullptr;
-    for (int64_t j = 0; j < n; ++j) yr[j] += b + (rr ? rr[j] : 0.f);
+    for (int64_t j = 0; j < n; ++j) yr[j] += b;
     if (ep.act != kActNone)
       for (int64_t j = 0; j < n; ++j) yr[j] = act_scalar(yr[j], ep.act, ep.lo, ep.hi);
   });

@@ -121,7 +121,11 @@ static inline V activate(V v, int act, V lo, V hi) {
 // ---------------------------------------------------------------------------------------------
 // f32 SpMM, tile = NV vectors of one output row; each nonzero broadcasts its weight against the
 // matching row of the packed X tile. U nonzeros go into U accumulator sets so consecutive FMAs
-// do not wait on each other. Mode says whether this K block starts (zero) or ends (epilogue).
+// do not wait on each other. Mode says whether this K block starts (from zero, or from the
+// residual) or ends (bias, activation). The residual starts the sum rather than joining it at
+// the end, so y may be the residual's own buffer: each element is read before it is written,
+// and the partial sums of earlier K blocks, kept in y, no longer overwrite a residual still to
+// be read.
 template <int NV, int U, bool TAIL>
 static void spmm_tile(const int32_t* rp, const uint16_t* off, const float* val, int64_t row0,
                       int64_t m0, int64_t m1, const float* x, int tail, float* y, int64_t ldy,
@@ -131,11 +135,12 @@ static void spmm_tile(const int32_t* rp, const uint16_t* off, const float* val, 
   for (int64_t m = m0; m < m1; ++m) {
     const int64_t r = m - row0;
     float* yr = y + r * ldy;
+    const float* from = first ? (ep.res ? ep.res + r * ep.ld_res : nullptr) : yr;
     V a[U][NV];
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
       const bool part = TAIL && v == NV - 1;
-      a[0][v] = first ? Simd::zero() : part ? Simd::loadn(yr + v * W, tail) : Simd::load(yr + v * W);
+      a[0][v] = !from ? Simd::zero() : part ? Simd::loadn(from + v * W, tail) : Simd::load(from + v * W);
 #pragma GCC unroll 8
       for (int u = 1; u < U; ++u) a[u][v] = Simd::zero();
     }
@@ -158,18 +163,13 @@ static void spmm_tile(const int32_t* rp, const uint16_t* off, const float* val, 
       for (int v = 0; v < NV; ++v) a[0][v] = Simd::fma(wv, Simd::load(xr + v * W), a[0][v]);
     }
     const V bias = (last && ep.bias) ? Simd::set1(ep.bias[r]) : Simd::zero();
-    const float* rr = (last && ep.res) ? ep.res + r * ep.ld_res : nullptr;
     V s[NV];
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
-      const bool part = TAIL && v == NV - 1;
       s[v] = a[0][v];
 #pragma GCC unroll 8
       for (int u = 1; u < U; ++u) s[v] = Simd::add(s[v], a[u][v]);
-      if (last) {
-        s[v] = Simd::add(s[v], bias);
-        if (rr) s[v] = Simd::add(s[v], part ? Simd::loadn(rr + v * W, tail) : Simd::load(rr + v * W));
-      }
+      if (last) s[v] = Simd::add(s[v], bias);
     }
     if (last && ep.act == kActGelu) {
       gelu_n<NV>(s);

@@ -61,6 +61,7 @@ class StepSrc:
     attention: tuple | None = None  # an attention step's (heads, scale)
     norm: tuple | None = None  # a last-axis LayerNormalization's (scale, bias, epsilon)
     block: tuple | None = None  # a block's (fn for feature-major flags, has a residual?)
+    into_residual: object = None  # a residual layer's fn writing into its residual (input 1)
 
 
 def bind(op_type: str, attrs: dict, n_inputs: int, n_outputs: int, opset: int):
@@ -233,6 +234,27 @@ def reuse_buffers(steps: list, shapes: dict, graph_outs: set) -> None:
                 s.fn = fn
                 s.name += " (in place)"
                 break
+    # A sparse residual layer writes into its residual's buffer when it is that value's last
+    # reader (a ResNet block's input is read by its first conv too): the output then goes to
+    # memory the layer reads anyway, not to a fresh buffer not in cache (measured: 17% of such a
+    # layer). Its other readers must be native steps, whose outputs are never views of it.
+    last = {}
+    for i, s in enumerate(steps):
+        for x in s.inputs:
+            last[x] = i
+    for i, s in enumerate(steps):
+        if s.into_residual is None or len(s.inputs) < 2:
+            continue
+        r = s.inputs[1]
+        p = producer.get(r)
+        out_shape = shapes.get(s.outputs[0])
+        if (p is None or r in graph_outs or last.get(r) != i or s.inputs.count(r) != 1
+                or not out_shape or None in out_shape or shapes.get(r) != out_shape
+                or not (p.native or p.op in ops.FRESH) or p.multi):
+            continue
+        if all(t.native for t in steps if t is not s and r in t.inputs):
+            s.fn = s.into_residual
+            s.name += " (in place)"
 
 
 # ---------------------------------------------------------------- Conv / Gemm / MatMul
@@ -393,7 +415,8 @@ def _fuse_compute(i, n, nodes, consts, shapes, sole_reader, all_readers, kind, l
     })
     inputs = [n.inputs[0]] + ([residual] if residual else []) + extra_in
     src = StepSrc(n.name if len(used) == 1 else "+".join(sources), "+".join(nodes[k].op for k in used),
-                  inputs, [out], fn, native=True, sources=sources)
+                  inputs, [out], fn, native=True, sources=sources,
+                  into_residual=getattr(fn, "into_residual", None))
     if not conv:
         src.linear = (pw, bias, act, residual is not None, guarded)
     return [(max(used), src, used)]
@@ -424,6 +447,12 @@ def _conv_fn(n: Node, w, bias, act, has_residual, depthwise, kind):
         def run(x, r):
             k, s, p, d = geometry(x)
             return kernels.conv2d(pw, x, k, s, p, d, group, bias, act, r)
+
+        if pw.kind == "sparse":  # reads each residual element before writing it (see fuse docs)
+            def into(x, r):
+                k, s, p, d = geometry(x)
+                return kernels.conv2d(pw, x, k, s, p, d, group, bias, act, r, out=r)
+            run.into_residual = into
     else:
         def run(x):
             k, s, p, d = geometry(x)

@@ -223,6 +223,50 @@ def test_conv2d(isa, kind, case):
               reference.conv2d(wt, x, ks, st, pads, dil, g, bias, "gelu", r), scale=scale)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("kind", ["sparse", "dense"])
+@pytest.mark.parametrize("case", [
+    (1, 64, 12, 12, 64, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1),  # direct
+    (1, 700, 9, 9, 24, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1),  # K in blocks, few columns
+    (1, 160, 7, 7, 24, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1),  # K split over threads
+    (2, 40, 14, 14, 24, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1),  # phased, pitched
+    (1, 600, 1, 1, 24, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1),  # one column
+])
+def test_conv2d_into_its_residual_or_input(isa, kind, case, threads):
+    # the engine writes a residual layer into its residual's buffer (sparse kernel); any other
+    # overlap of the output with an operand is copied first, so the result never changes
+    n, c, h, w, m, ks, st, pads, dil, g = case
+    rng = np.random.default_rng(sum(case[:5]))
+    wt = sparse_matrix(rng, m, c // g * ks[0] * ks[1], 0.9)
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    bias = rng.standard_normal(m).astype(np.float32)
+    pw = kernels.PackedWeight.pack(wt, kind)
+    scale = float(reference.conv2d(np.abs(wt), np.abs(x), ks, st, pads, dil, g).max())
+    res = rng.standard_normal(reference.conv2d(wt, x, ks, st, pads, dil, g).shape).astype(np.float32)
+    want = reference.conv2d(wt, x, ks, st, pads, dil, g, bias, "relu", res)
+    before = kernels.get_num_threads()
+    kernels.set_num_threads(threads)
+    try:
+        buf = res.copy()
+        out = kernels.conv2d(pw, x, ks, st, pads, dil, g, bias, "relu", buf, out=buf)
+        assert out is buf
+        close(buf, want, scale=scale)
+        if c == m and ks == (1, 1):  # output over the input
+            xb = x.copy()
+            kernels.conv2d(pw, xb, ks, st, pads, dil, g, bias, "relu", res, out=xb)
+            close(xb, want, scale=scale)
+        r2 = res.reshape(m, -1) if n == 1 else None
+        if r2 is not None:  # gemm's residual as its output, and the input as its output
+            x2 = reference.conv2d(np.eye(c, dtype=np.float32), x, (1, 1)).reshape(c, -1) \
+                if ks == (1, 1) else None
+            if x2 is not None:
+                y2 = r2.copy()
+                kernels.gemm(pw, x2, bias, "relu", y2, out=y2)
+                close(y2, want.reshape(m, -1), scale=scale)
+    finally:
+        kernels.set_num_threads(before)
+
+
 DW_CASES = [  # (N, C, H, W, k, strides, pads, dilations)
     (1, 32, 112, 112, 3, (1, 1), (1, 1, 1, 1), (1, 1)),
     (2, 5, 13, 17, 3, (2, 2), (1, 1, 1, 1), (1, 1)),

@@ -74,8 +74,9 @@ const float* same_or_null(const OptIn& r, int64_t n, const char* what) {
 }
 
 // An operand that shares memory with the output is copied first, except a residual that is the
-// output itself under the sparse kernel, which reads each residual element before writing that
-// output element (the engine writes a residual layer into its residual's buffer).
+// output itself: the GEMM kernels start each sum from the residual, reading every residual
+// element before writing that output element (the engine writes a residual layer into its
+// residual's buffer).
 const float* unaliased(const float* a, int64_t n, const float* y, int64_t ny, bool same_ok,
                        std::vector<float>& copy) {
   if (!a || n <= 0 || ny <= 0 || a + n <= y || y + ny <= a || (same_ok && a == y)) return a;
@@ -169,7 +170,7 @@ NB_MODULE(_core, mod) {
     for (int64_t i = 0; i < k; ++i) koff[i] = i * n;
     std::vector<float> x_copy, res_copy;
     const float* xp = unaliased(x.data(), k * n, y.data(), m * n, false, x_copy);
-    ep.res = unaliased(ep.res, m * n, y.data(), m * n, sw != nullptr, res_copy);
+    ep.res = unaliased(ep.res, m * n, y.data(), m * n, true, res_copy);
     const WeightRef w = bind_weight(sw, dw, koff);
     nb::gil_scoped_release nogil;
     run_gemm(w, 0, m, k, xp, koff.data(), 1, n, y.data(), n, ep);
@@ -238,7 +239,7 @@ NB_MODULE(_core, mod) {
     std::vector<float> x_copy, res_copy;
     const float* xp = unaliased(x.data(), numel(x), y.data(), numel(y), false, x_copy);
     const float* r = unaliased(same_or_null(res, numel(y), "conv residual"), numel(y), y.data(),
-                               numel(y), sw != nullptr, res_copy);
+                               numel(y), true, res_copy);
     const ConvPlan plan = plan_conv(s, sw != nullptr);
     const WeightRef w = bind_weight(sw, dw, plan.koff, group);  // caches: needs the GIL
     nb::gil_scoped_release nogil;

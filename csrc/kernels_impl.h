@@ -293,18 +293,22 @@ static void gemm_pack_x(const float* x, const int64_t* koff, int64_t cs, int64_t
   }
 }
 
+// The first K block starts from the residual (or zero), later ones from y; the last adds the
+// bias and applies the activation. As in spmm_tile, y may be the residual's own buffer.
 template <int R, int NV>
 static void gemm_micro(int64_t kc, const float* wp, const float* xp, int rows, int cols, float* y,
                        int64_t ldy, int mode, const Epilogue& ep) {
   V acc[R][NV];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
+    const float* from = !(mode & kTileFirst) ? y + r * ldy
+                        : ep.res && r < rows ? ep.res + r * ep.ld_res : nullptr;
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
       const int left = cols - v * W;
-      if ((mode & kTileFirst) || r >= rows || left <= 0) acc[r][v] = Simd::zero();
-      else if (left >= W) acc[r][v] = Simd::load(y + r * ldy + v * W);
-      else acc[r][v] = Simd::loadn(y + r * ldy + v * W, left);
+      if (!from || r >= rows || left <= 0) acc[r][v] = Simd::zero();
+      else if (left >= W) acc[r][v] = Simd::load(from + v * W);
+      else acc[r][v] = Simd::loadn(from + v * W, left);
     }
   }
   for (int64_t k = 0; k < kc; ++k) {
@@ -325,17 +329,9 @@ static void gemm_micro(int64_t kc, const float* wp, const float* xp, int rows, i
   for (int r = 0; r < R; ++r) {
     if (r >= rows) break;
     const V bias = (last && ep.bias) ? Simd::set1(ep.bias[r]) : Simd::zero();
-    const float* rr = (last && ep.res) ? ep.res + r * ep.ld_res : nullptr;
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) {
-      const int left = cols - v * W;
-      if (last && left > 0) {
-        acc[r][v] = Simd::add(acc[r][v], bias);
-        if (rr)
-          acc[r][v] = Simd::add(acc[r][v], left >= W ? Simd::load(rr + v * W)
-                                                     : Simd::loadn(rr + v * W, left));
-      }
-    }
+    for (int v = 0; v < NV; ++v)
+      if (last) acc[r][v] = Simd::add(acc[r][v], bias);
     if (last && ep.act == kActGelu) {
       gelu_n<NV>(acc[r]);  // the row's vectors in lockstep (see gelu_n)
     } else if (last && ep.act != kActNone) {
@@ -519,11 +515,10 @@ static void gemm_micro_t(int64_t kc, int64_t pstride, const float* wp, const flo
     for (int r = 0; r < nr; ++r) {  // nr <= 0 past the last row: nothing to write
       float* yr = y + (int64_t)(r0 + r) * ldy;
       P8 v = t[r];
-      if (!first) v = p8_add(v, cols == 8 ? p8_load(yr) : p8_loadn(yr, cols));
-      if (last && ep.res) {
-        const float* rr = ep.res + (int64_t)(r0 + r) * ep.ld_res;
-        v = p8_add(v, cols == 8 ? p8_load(rr) : p8_loadn(rr, cols));
-      }
+      // the first K block adds the residual, later ones the partial sum in y: each element is
+      // read before it is written, so y may be the residual's buffer
+      const float* from = !first ? yr : ep.res ? ep.res + (int64_t)(r0 + r) * ep.ld_res : nullptr;
+      if (from) v = p8_add(v, cols == 8 ? p8_load(from) : p8_loadn(from, cols));
       if (clamp) v = p8_clamp(v, lo, hi);
       if (cols == 8) p8_store(yr, v); else p8_storen(yr, v, cols);
       if (last && ep.act == kActGelu)  // the vector form: it keeps gelu(-inf) = 0, not NaN

@@ -234,10 +234,10 @@ def reuse_buffers(steps: list, shapes: dict, graph_outs: set) -> None:
                 s.fn = fn
                 s.name += " (in place)"
                 break
-    # A sparse residual layer writes into its residual's buffer when it is that value's last
-    # reader (a ResNet block's input is read by its first conv too): the output then goes to
-    # memory the layer reads anyway, not to a fresh buffer not in cache (measured: 17% of such a
-    # layer). Its other readers must be native steps, whose outputs are never views of it.
+    # A residual conv writes into its residual's buffer when it is that value's last reader (a
+    # ResNet block's input is read by its first conv too): the output then goes to memory the
+    # layer reads anyway, not to a fresh buffer not in cache (measured: 17% of such a layer).
+    # Its other readers must be native steps, whose outputs are never views of it.
     last = {}
     for i, s in enumerate(steps):
         for x in s.inputs:
@@ -448,11 +448,10 @@ def _conv_fn(n: Node, w, bias, act, has_residual, depthwise, kind):
             k, s, p, d = geometry(x)
             return kernels.conv2d(pw, x, k, s, p, d, group, bias, act, r)
 
-        if pw.kind == "sparse":  # reads each residual element before writing it (see fuse docs)
-            def into(x, r):
-                k, s, p, d = geometry(x)
-                return kernels.conv2d(pw, x, k, s, p, d, group, bias, act, r, out=r)
-            run.into_residual = into
+        def into(x, r):  # the kernels read each residual element before writing it
+            k, s, p, d = geometry(x)
+            return kernels.conv2d(pw, x, k, s, p, d, group, bias, act, r, out=r)
+        run.into_residual = into
     else:
         def run(x):
             k, s, p, d = geometry(x)

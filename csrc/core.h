@@ -43,7 +43,6 @@ struct SparseLayout {
   std::vector<int32_t> row_ptr;
   std::vector<uint16_t> off;
   std::vector<float> val;
-  std::vector<int64_t> nnz_prefix;  // nonzeros before each row, to balance threads
 };
 
 // CSR over rows of W[M, K]; column indices are K offsets.

@@ -112,7 +112,7 @@ void sparse_gemm(const SparseWeight& w, const SparseLayout& l, int64_t m0, int64
   const KernelTable& kt = kernels();
   SpmmArgs a{l.row_ptr.data(), w.M + 1, l.off.data(), l.val.data(), m0, l.nblocks, l.kb, w.K,
              koff, x, cs};
-  const int64_t* pre = l.nnz_prefix.data();
+  const int32_t* pre = w.row_ptr.data();  // nonzeros before each row, to balance threads
   const int64_t nnz = pre[m0 + rows] - pre[m0];
   int nt = num_threads();
   if ((nnz + rows) * n < kSerialWork) nt = 1;
@@ -408,9 +408,6 @@ const SparseLayout& SparseWeight::layout_for(int tile_cols) {
       rp[r + 1] = (int32_t)l->off.size();
     }
   }
-  l->nnz_prefix.resize(M + 1);
-  l->nnz_prefix[0] = 0;
-  for (int64_t r = 0; r < M; ++r) l->nnz_prefix[r + 1] = row_ptr[r + 1];
   slot = std::move(l);
   return *slot;
 }

@@ -18,6 +18,7 @@ differently, yet the file is exactly as accurate as the simulation).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -187,6 +188,7 @@ def check_onnx(model: onnx.ModelProto) -> None:
         raise ExportError(f"onnx.checker rejected the exported graph: {first}") from err
 
 
+@functools.lru_cache(maxsize=None)  # the CPU does not change; /proc/cpuinfo is read once
 def fused_int8_exact() -> bool:
     """Whether onnxruntime's fused uint8 x int8 kernels compute exactly on this CPU.
 

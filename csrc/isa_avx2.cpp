@@ -15,6 +15,9 @@ namespace isa_avx2 {
 #define SPARSIFY_SPMM_NV 4
 #define SPARSIFY_SPMM_U 2
 #endif
+#ifndef SPARSIFY_SPMM_PERM
+#define SPARSIFY_SPMM_PERM 1
+#endif
 #define SPARSIFY_GEMM_TP 2  // narrow tiles: 2 panels x 6 columns of accumulators
 #define SPARSIFY_GEMM_TC 6
 #define SPARSIFY_ISA_NAME "avx2"

@@ -25,6 +25,9 @@ struct Simd {
   static inline V round(V a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
   // p * 2^n for integral n in [-126, 127]
   static inline V scale2(V p, V n) { return _mm512_scalef_ps(p, n); }
+  // p[0..4) in every 128-bit lane; lane<I> then splats element I of each lane
+  static inline V bcast4(const float* p) { return _mm512_broadcast_f32x4(_mm_loadu_ps(p)); }
+  template <int I> static inline V lane(V a) { return _mm512_permute_ps(a, I * 0x55); }
 };
 #elif defined(SPARSIFY_SIMD_AVX2)
 struct Simd {
@@ -53,6 +56,8 @@ struct Simd {
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
   }
+  static inline V bcast4(const float* p) { return _mm256_broadcast_ps(reinterpret_cast<const __m128*>(p)); }
+  template <int I> static inline V lane(V a) { return _mm256_permute_ps(a, I * 0x55); }
 };
 #else  // SSE2: every x86-64 has it
 struct Simd {
@@ -86,5 +91,7 @@ struct Simd {
     const __m128i e = _mm_slli_epi32(_mm_add_epi32(_mm_cvtps_epi32(n), _mm_set1_epi32(127)), 23);
     return _mm_mul_ps(p, _mm_castsi128_ps(e));
   }
+  static inline V bcast4(const float* p) { return _mm_loadu_ps(p); }
+  template <int I> static inline V lane(V a) { return _mm_shuffle_ps(a, a, I * 0x55); }
 };
 #endif

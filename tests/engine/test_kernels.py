@@ -73,6 +73,24 @@ def test_gemm(isa, kind, m, k, n):
     close(kernels.gemm(pw, x), reference.gemm(w, x), scale=scale)
 
 
+@pytest.mark.parametrize("n", [8, 37, 96])
+def test_sparse_rows_of_every_length(isa, n):
+    # row i holds exactly lengths[i] nonzeros: every remainder after the kernel's steps of 4 and
+    # of 2, rows shorter than a step, and an average long enough for the 4-at-a-time loop
+    rng = np.random.default_rng(n)
+    lengths = [0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 33, 34, 35, 60, 61, 62, 63, 64]
+    k = 80
+    w = np.zeros((len(lengths), k), np.float32)
+    for i, nnz in enumerate(lengths):
+        cols = rng.choice(k, nnz, replace=False)
+        w[i, cols] = rng.standard_normal(nnz)
+    x = rng.standard_normal((k, n)).astype(np.float32)
+    bias = rng.standard_normal(len(lengths)).astype(np.float32)
+    pw = kernels.PackedWeight.pack(w, "sparse")
+    close(kernels.gemm(pw, x, bias, "relu"), reference.gemm(w, x, bias, "relu"),
+          scale=term_scale(w, x))
+
+
 # The dense GEMM has two paths: for up to 128 columns that the column tiles would pad, vectors
 # run along the rows (tiles of up to 24 rows x 8 columns on AVX-512), otherwise along the
 # columns. Rows and columns around the tile sizes, K blocks, both paths, 1 and 2 threads.

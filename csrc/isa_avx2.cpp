@@ -15,6 +15,9 @@ namespace isa_avx2 {
 #define SPARSIFY_SPMM_NV 4
 #define SPARSIFY_SPMM_U 2
 #endif
+#ifndef SPARSIFY_SPMM_SHORT
+#define SPARSIFY_SPMM_SHORT 10
+#endif
 #ifndef SPARSIFY_SPMM_PERM
 #define SPARSIFY_SPMM_PERM 1
 #endif

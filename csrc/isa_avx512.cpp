@@ -15,6 +15,9 @@ namespace isa_avx512 {
 #define SPARSIFY_SPMM_NV 4
 #define SPARSIFY_SPMM_U 2
 #endif
+#ifndef SPARSIFY_SPMM_SHORT
+#define SPARSIFY_SPMM_SHORT 0
+#endif
 #ifndef SPARSIFY_SPMM_PERM
 #define SPARSIFY_SPMM_PERM 0  // measured on Zen 3 (AVX2) only
 #endif

@@ -10,6 +10,10 @@ constexpr int W = Simd::W;
 constexpr int kSpmmNV = SPARSIFY_SPMM_NV;  // vectors per sparse tile
 constexpr int kSpmmU = SPARSIFY_SPMM_U;
 constexpr bool kSpmmPerm = SPARSIFY_SPMM_PERM;  // see spmm_tile
+// Rows averaging fewer nonzeros than this run one accumulator set: the second set's remainder
+// step mispredicts on most rows of a few nonzeros (Zen 3, rows of 5-10 nonzeros: 1.2-1.5x
+// faster with one set; from ~11 on two sets win). 0 keeps two sets everywhere.
+constexpr int kSpmmShort = SPARSIFY_SPMM_SHORT;
 constexpr int kGemmNV = 3;   // vectors per packed-X panel: 48 columns with AVX-512
 constexpr int kGemmR = SPARSIFY_GEMM_R;
 constexpr int kWinNV = 4;
@@ -187,26 +191,26 @@ static void spmm_tile(const int32_t* rp, const uint16_t* off, const float* val, 
 }
 
 // Column remainder: picks the tile with exactly nv vectors, the last one partial.
-template <int NV, bool PERM>
+template <int NV, int U, bool PERM>
 static void spmm_tail(int nv, const int32_t* rp, const uint16_t* off, const float* val,
                       int64_t row0, int64_t m0, int64_t m1, const float* x, int tail,
                       float* y, int64_t ldy, int mode, const Epilogue& ep) {
   if constexpr (NV >= 1) {
     if (nv == NV)
-      spmm_tile<NV, kSpmmU, true, PERM>(rp, off, val, row0, m0, m1, x, tail, y, ldy, mode, ep);
+      spmm_tile<NV, U, true, PERM>(rp, off, val, row0, m0, m1, x, tail, y, ldy, mode, ep);
     else
-      spmm_tail<NV - 1, PERM>(nv, rp, off, val, row0, m0, m1, x, tail, y, ldy, mode, ep);
+      spmm_tail<NV - 1, U, PERM>(nv, rp, off, val, row0, m0, m1, x, tail, y, ldy, mode, ep);
   }
 }
 
-template <bool PERM>
+template <int U, bool PERM>
 static void spmm_block(int nv, const int32_t* rp, const uint16_t* off, const float* val,
                        int64_t row0, int64_t m0, int64_t m1, const float* x, int tail, float* y,
                        int64_t ldy, int mode, const Epilogue& ep) {
   if (nv == kSpmmNV && tail == W)
-    spmm_tile<kSpmmNV, kSpmmU, false, PERM>(rp, off, val, row0, m0, m1, x, tail, y, ldy, mode, ep);
+    spmm_tile<kSpmmNV, U, false, PERM>(rp, off, val, row0, m0, m1, x, tail, y, ldy, mode, ep);
   else
-    spmm_tail<kSpmmNV, PERM>(nv, rp, off, val, row0, m0, m1, x, tail, y, ldy, mode, ep);
+    spmm_tail<kSpmmNV, U, PERM>(nv, rp, off, val, row0, m0, m1, x, tail, y, ldy, mode, ep);
 }
 
 // Column tiles outer, K blocks inner: the packed X block serves every row while in cache and the
@@ -252,10 +256,17 @@ static void spmm(const SpmmArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t 
       }
       const int32_t* rp = a.row_ptr + b * a.rp_stride;
       const int mode = (b == 0 ? kTileFirst : 0) | (b + 1 == a.nblocks ? kTileLast : 0);
-      if (kSpmmPerm && rp[m1] - rp[m0] >= 16 * (m1 - m0))
-        spmm_block<true>(nv, rp, a.off, a.val, a.row0, m0, m1, xb, tail, y + n, ldy, mode, e);
+      // the loop by the rows' average length in this block (see spmm_tile and kSpmmShort)
+      const int64_t nnz = rp[m1] - rp[m0], rows = m1 - m0;
+      if (kSpmmPerm && nnz >= 16 * rows)
+        spmm_block<kSpmmU, true>(nv, rp, a.off, a.val, a.row0, m0, m1, xb, tail, y + n, ldy,
+                                 mode, e);
+      else if (nnz < kSpmmShort * rows)
+        spmm_block<1, false>(nv, rp, a.off, a.val, a.row0, m0, m1, xb, tail, y + n, ldy, mode,
+                             e);
       else
-        spmm_block<false>(nv, rp, a.off, a.val, a.row0, m0, m1, xb, tail, y + n, ldy, mode, e);
+        spmm_block<kSpmmU, false>(nv, rp, a.off, a.val, a.row0, m0, m1, xb, tail, y + n, ldy,
+                                  mode, e);
     }
   }
 }

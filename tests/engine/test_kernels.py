@@ -73,12 +73,21 @@ def test_gemm(isa, kind, m, k, n):
     close(kernels.gemm(pw, x), reference.gemm(w, x), scale=scale)
 
 
+ROW_LENGTHS = {
+    # every remainder after the kernel's steps of 4 and of 2, rows shorter than a step, and an
+    # average long enough for the 4-at-a-time loop
+    "long": [0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 33, 34, 35, 60, 61, 62, 63, 64],
+    "medium": [0, 1, 9, 10, 11, 12, 13, 14, 15, 21],  # two accumulator sets, no 4-steps
+    "short": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 3, 1],  # the one-set loop for short rows
+}
+
+
 @pytest.mark.parametrize("n", [8, 37, 96])
-def test_sparse_rows_of_every_length(isa, n):
-    # row i holds exactly lengths[i] nonzeros: every remainder after the kernel's steps of 4 and
-    # of 2, rows shorter than a step, and an average long enough for the 4-at-a-time loop
+@pytest.mark.parametrize("rows", sorted(ROW_LENGTHS))
+def test_sparse_rows_of_every_length(isa, n, rows):
+    # row i holds exactly lengths[i] nonzeros; the kernel picks its loop per block by the average
     rng = np.random.default_rng(n)
-    lengths = [0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 33, 34, 35, 60, 61, 62, 63, 64]
+    lengths = ROW_LENGTHS[rows]
     k = 80
     w = np.zeros((len(lengths), k), np.float32)
     for i, nnz in enumerate(lengths):

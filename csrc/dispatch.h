@@ -114,6 +114,12 @@ struct KernelTable {
   void (*window_plane)(int op, const float* x, const int64_t* tap_off, int taps, int64_t row_step,
                        const float* w, int64_t oh, int64_t ow, float* y, const Epilogue& ep);
 
+  // 3x3 max pool with stride 2 and dilation 1, one output row of ow: rows[0, nrows) are the
+  // window's rows inside the image (w floats each), pl the left pad; vm is scratch for 2 ow + 1
+  // floats.
+  void (*max_pool3s2_row)(const float* const* rows, int nrows, int64_t w, int pl, int64_t ow,
+                          float* vm, float* y);
+
   // Row-wise ops over the last axis of one row of n floats (y may be x).
   void (*softmax_row)(const float* x, int64_t n, float* y);
   // y = (x - mean) / sqrt(var + eps) * scale + bias; bias may be null.

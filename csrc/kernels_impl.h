@@ -701,6 +701,39 @@ static void window_plane(int op, const float* x, const int64_t* tap_off, int tap
   else window_plane_t<2>(x, tap_off, taps, row_step, w, oh, ow, y, ep);
 }
 
+// 3x3 max pool with stride 2 (ResNet's and GoogLeNet's stem pools), one output row.
+// vm[pl + c] = the elementwise max over the window's rows that lie inside the image (rows[0,
+// nrows), each w floats) of input column c, -inf on padded columns; then y[ox] = the max of
+// vm[2 ox .. 2 ox + 2]. Both fold as max(x, acc) from -inf, as window_block does, so results are
+// the same bit for bit (a NaN is passed over, as onnxruntime's max pool does).
+static void max_pool3s2_row(const float* const* rows, int nrows, int64_t w, int pl, int64_t ow,
+                            float* vm, float* y) {
+  const float ninf = -__builtin_inff();
+  const int64_t span = 2 * ow + 1;  // padded columns the windows read
+  for (int64_t i = 0; i < pl && i < span; ++i) vm[i] = ninf;
+  for (int64_t i = pl + w; i < span; ++i) vm[i] = ninf;
+  float* v = vm + pl;
+  const int64_t cw = span - pl < w ? span - pl : w;
+  int64_t c = 0;
+  for (; c + W <= cw; c += W) {
+    V acc = Simd::set1(ninf);
+    for (int r = 0; r < nrows; ++r) acc = Simd::max(Simd::load(rows[r] + c), acc);
+    Simd::store(v + c, acc);
+  }
+  if (c < cw) {
+    const int left = (int)(cw - c);
+    V acc = Simd::set1(ninf);
+    for (int r = 0; r < nrows; ++r) acc = Simd::max(Simd::loadn(rows[r] + c, left), acc);
+    Simd::storen(v + c, acc, left);
+  }
+  for (int64_t ox = 0; ox < ow; ++ox) {  // the compiler vectorizes this stride-2 loop
+    const float* q = vm + 2 * ox;
+    float acc = q[0] > ninf ? q[0] : ninf;
+    acc = q[1] > acc ? q[1] : acc;
+    y[ox] = q[2] > acc ? q[2] : acc;
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Row-wise softmax and layer normalization (the last axis of BERT's scores and hidden states).
 static inline float hsum(V v) {
@@ -779,5 +812,5 @@ static void layer_norm_row(const float* x, int64_t n, const float* scale, const 
 static const KernelTable kTable = {
     SPARSIFY_ISA_NAME, W, kGemmNV * W, kSpmmNV * W, &spmm, &gemm_pack_x, &gemm_tile, &gemv,
     kGemmTP * kGemmMR, kGemmTC, &gemm_pack_xt, &gemm_tile_t,
-    &dw_channels, &window_plane, &softmax_row, &layer_norm_row,
+    &dw_channels, &window_plane, &max_pool3s2_row, &softmax_row, &layer_norm_row,
 };

@@ -14,8 +14,33 @@ constexpr int64_t kSerialWork = 32 * 1024;
 
 }  // namespace
 
+// 3x3 stride 2 (dilation 1) row by row straight from x: the vertical max of the window's rows,
+// then the horizontal one (KernelTable::max_pool3s2_row): 1.2-1.4x faster than the phase-plane
+// path, which copies each padded plane into 4 phases and reads them 9 times, and 1.1-1.6x
+// onnxruntime on ResNet-50's and GoogLeNet's pools (Zen 3, 1 and 2 threads). Other windows keep
+// that path: row by row measured slower on stride 1 (28x28 and 7x7 planes) and on 2x2.
 void run_max_pool(const float* x, const ConvShape& s, float* y) {
-  run_window_planes(1, nullptr, x, s, -INFINITY, nullptr, kActNone, 0.f, 0.f, y);
+  if (s.kh != 3 || s.kw != 3 || s.sh != 2 || s.sw != 2 || s.dh != 1 || s.dw != 1) {
+    run_window_planes(1, nullptr, x, s, -INFINITY, nullptr, kActNone, 0.f, 0.f, y);
+    return;
+  }
+  const int64_t planes = s.n * s.c;
+  if (planes == 0 || s.oh == 0 || s.ow == 0) return;
+  const KernelTable& kt = kernels();
+  parallel_range(planes, planes * s.oh * s.ow * 9 < kSerialWork, [&](int64_t p) {
+    thread_local FloatBuf t_vm;
+    float* vm = t_vm.get(2 * s.ow + 1 + 16);
+    const float* plane = x + p * s.h * s.w;
+    const float* rows[3];
+    for (int64_t oy = 0; oy < s.oh; ++oy) {
+      int nrows = 0;
+      for (int i = 0; i < 3; ++i) {
+        const int64_t iy = oy * 2 + i - s.pt;
+        if (iy >= 0 && iy < s.h) rows[nrows++] = plane + iy * s.w;
+      }
+      kt.max_pool3s2_row(rows, nrows, s.w, s.pl, s.ow, vm, y + (p * s.oh + oy) * s.ow);
+    }
+  });
 }
 
 void run_avg_pool(const float* x, const ConvShape& s, bool count_include_pad, float* y) {

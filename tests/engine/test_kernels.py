@@ -327,6 +327,12 @@ POOL_CASES = [  # (N, C, H, W, kernel, strides, pads, ceil_mode, count_include_p
     (1, 2, 9, 9, (3, 3), (3, 3), (1, 1, 1, 1), 1, 1),
     (1, 2, 6, 8, (3, 3), (2, 2), (0, 0, 0, 0), 1, 0),
     (1, 1, 1, 1, (1, 1), (1, 1), (0, 0, 0, 0), 0, 0),
+    # 3x3 stride 2 (max pool's row-by-row path): odd sizes, asymmetric and wide pads, ceil_mode,
+    # a single pixel, rows not a multiple of the vector width
+    (2, 3, 9, 13, (3, 3), (2, 2), (0, 1, 1, 0), 1, 0),
+    (1, 2, 5, 4, (3, 3), (2, 2), (2, 2, 2, 2), 0, 1),
+    (1, 1, 1, 1, (3, 3), (2, 2), (1, 1, 1, 1), 0, 0),
+    (1, 2, 37, 21, (3, 3), (2, 2), (1, 1, 0, 0), 1, 0),
 ]
 
 

@@ -15,12 +15,6 @@ namespace isa_portable {
 #define SPARSIFY_SPMM_NV 4
 #define SPARSIFY_SPMM_U 2
 #endif
-#ifndef SPARSIFY_SPMM_SHORT
-#define SPARSIFY_SPMM_SHORT 0
-#endif
-#ifndef SPARSIFY_SPMM_PERM
-#define SPARSIFY_SPMM_PERM 0  // measured on Zen 3 (AVX2) only
-#endif
 #define SPARSIFY_GEMM_TP 1  // narrow tiles: 1 panels x 6 columns of accumulators
 #define SPARSIFY_GEMM_TC 6
 #define SPARSIFY_ISA_NAME "portable"

@@ -9,6 +9,14 @@ using V = Simd::V;
 constexpr int W = Simd::W;
 constexpr int kSpmmNV = SPARSIFY_SPMM_NV;  // vectors per sparse tile
 constexpr int kSpmmU = SPARSIFY_SPMM_U;
+// The loop choices of spmm_tile, measured on Zen 3 (AVX2) only: other builds keep the plain loop
+// unless their isa_*.cpp opts in.
+#ifndef SPARSIFY_SPMM_PERM
+#define SPARSIFY_SPMM_PERM 0
+#endif
+#ifndef SPARSIFY_SPMM_SHORT
+#define SPARSIFY_SPMM_SHORT 0
+#endif
 constexpr bool kSpmmPerm = SPARSIFY_SPMM_PERM;  // see spmm_tile
 // Rows averaging fewer nonzeros than this run one accumulator set: the second set's remainder
 // step mispredicts on most rows of a few nonzeros (Zen 3, rows of 5-10 nonzeros: 1.2-1.5x

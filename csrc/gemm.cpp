@@ -136,13 +136,15 @@ void sparse_gemm(const SparseWeight& w, const SparseLayout& l, int64_t m0, int64
   const int64_t vw = kt.simd_width, per_tile = kt.spmm_nt / vw, nvec = ceil_div(n, vw);
   const int64_t ntiles = ceil_div(nvec, per_tile);
   if (ntiles >= nt) {
-    // Column chunks of whole tiles, up to 4 per thread, each packing its own X; with fewer
-    // chunks than that, row ranges too (each range packs its X again, a few percent next to its
-    // share of the products). Chunks that cut tiles into 3-vector pieces (as 28 vectors in 8
-    // chunks did) run the narrower kernel: 1.4x of one thread on ResNet-50's 14x14 3x3 layer
-    // against 1.85x with whole tiles.
+    // Column chunks of whole tiles, up to 4 per thread, each packing its own X; with fewer than
+    // 2 per thread, row ranges too. Each range packs its X again: with 4 units per thread the
+    // copies cost ResNet-50's 7x7 layers (2 tiles, K up to 4608) 5-20% at 2 threads against 2
+    // units per thread, and the 14x14 3x3 layers 5-8% (layers 2.5-3% faster in all, Zen 3).
+    // Chunks that cut tiles into 3-vector pieces (as 28 vectors in 8 chunks did) run the
+    // narrower kernel: 1.4x of one thread on ResNet-50's 14x14 3x3 layer against 1.85x with
+    // whole tiles.
     const int64_t cchunks = std::min<int64_t>(ntiles, 4 * nt);
-    const int64_t rparts = std::min<int64_t>(4, ceil_div(4 * nt, cchunks));
+    const int64_t rparts = std::min<int64_t>(4, ceil_div(2 * nt, cchunks));
     parallel_for(cchunks * rparts, [&](int64_t i) {
       const int64_t c = i / rparts, r = i % rparts;
       const int64_t c0 = std::min(n, ntiles * c / cchunks * kt.spmm_nt);

@@ -18,6 +18,9 @@ constexpr int kSpmmU = SPARSIFY_SPMM_U;
 #define SPARSIFY_SPMM_SHORT 0
 #endif
 constexpr bool kSpmmPerm = SPARSIFY_SPMM_PERM;  // see spmm_tile
+// Rows averaging at least this many nonzeros take PERM's 4-steps (Zen 3: ResNet-50's 90% layers
+// 5-8% faster; on rows of ~6 the extra remainder steps made K=64 layers 7-15% slower).
+constexpr int kSpmmPermMin = 16;
 // Rows averaging fewer nonzeros than this run one accumulator set: the second set's remainder
 // step mispredicts on most rows of a few nonzeros (Zen 3, rows of 5-10 nonzeros: 1.2-1.5x
 // faster with one set; from ~11 on two sets win). 0 keeps two sets everywhere.
@@ -119,23 +122,23 @@ static inline V activate(V v, int act, V lo, V hi) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// f32 SpMM, tile = NV vectors of one output row; each nonzero broadcasts its weight against the
-// matching row of the packed X tile. U nonzeros go into U accumulator sets so consecutive FMAs
-// do not wait on each other. With PERM, four nonzeros at a time take their weights from one
-// 16-byte load (splatted by in-register shuffles) and their offsets from one 8-byte load,
-// instead of a broadcast load and an index load each: the loop is bound by loads, not FMAs
-// (Zen 3: ResNet-50's sparse layers 5-12% faster where rows average 16 or more nonzeros; on
-// shorter rows the extra remainder steps cost more than that, so the caller picks per block). Mode says whether this K block starts (from zero, or from the
-// residual) or ends (bias, activation). The residual starts the sum rather than joining it at
-// the end, so y may be the residual's own buffer: each element is read before it is written,
-// and the partial sums of earlier K blocks, kept in y, no longer overwrite a residual still to
-// be read.
+// One nonzero: its weight times one row of the packed X tile, into the NV accumulators a.
 template <int NV>
 static inline void spmm_step(const float* xr, V wv, V* a) {
 #pragma GCC unroll 8
   for (int v = 0; v < NV; ++v) a[v] = Simd::fma(wv, Simd::load(xr + v * W), a[v]);
 }
 
+// f32 SpMM, tile = NV vectors of one output row; each nonzero broadcasts its weight against the
+// matching row of the packed X tile. U nonzeros go into U accumulator sets so consecutive FMAs
+// do not wait on each other. With PERM, four nonzeros at a time take their weights from one
+// 16-byte load (splatted by in-register shuffles) and their offsets from one 8-byte load,
+// instead of a broadcast load and an index load each: the loop is bound by loads, not FMAs
+// (see kSpmmPermMin for where it pays). Mode says whether this K block starts (from zero, or
+// from the residual) or ends (bias, activation). The residual starts the sum rather than joining
+// it at the end, so y may be the residual's own buffer: each element is read before it is
+// written, and the partial sums of earlier K blocks, kept in y, no longer overwrite a residual
+// still to be read.
 template <int NV, int U, bool TAIL, bool PERM>
 static void spmm_tile(const int32_t* rp, const uint16_t* off, const float* val, int64_t row0,
                       int64_t m0, int64_t m1, const float* x, int tail, float* y, int64_t ldy,
@@ -264,17 +267,12 @@ static void spmm(const SpmmArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t 
       }
       const int32_t* rp = a.row_ptr + b * a.rp_stride;
       const int mode = (b == 0 ? kTileFirst : 0) | (b + 1 == a.nblocks ? kTileLast : 0);
-      // the loop by the rows' average length in this block (see spmm_tile and kSpmmShort)
+      // the loop by the rows' average length in this block (kSpmmPermMin, kSpmmShort)
       const int64_t nnz = rp[m1] - rp[m0], rows = m1 - m0;
-      if (kSpmmPerm && nnz >= 16 * rows)
-        spmm_block<kSpmmU, true>(nv, rp, a.off, a.val, a.row0, m0, m1, xb, tail, y + n, ldy,
-                                 mode, e);
-      else if (nnz < kSpmmShort * rows)
-        spmm_block<1, false>(nv, rp, a.off, a.val, a.row0, m0, m1, xb, tail, y + n, ldy, mode,
-                             e);
-      else
-        spmm_block<kSpmmU, false>(nv, rp, a.off, a.val, a.row0, m0, m1, xb, tail, y + n, ldy,
-                                  mode, e);
+      const auto block = kSpmmPerm && nnz >= kSpmmPermMin * rows ? &spmm_block<kSpmmU, true>
+                         : nnz < kSpmmShort * rows               ? &spmm_block<1, false>
+                                                                 : &spmm_block<kSpmmU, false>;
+      block(nv, rp, a.off, a.val, a.row0, m0, m1, xb, tail, y + n, ldy, mode, e);
     }
   }
 }

@@ -7,9 +7,8 @@ An op with several outputs returns a tuple. The table that maps names to functio
 
 from __future__ import annotations
 
-import math
-
 import functools
+import math
 
 import numpy as np
 from onnx import helper, numpy_helper

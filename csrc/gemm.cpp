@@ -145,8 +145,11 @@ void sparse_gemm(const SparseWeight& w, const SparseLayout& l, int64_t m0, int64
     // whole tiles.
     const int64_t cchunks = std::min<int64_t>(ntiles, 4 * nt);
     const int64_t rparts = std::min<int64_t>(4, ceil_div(2 * nt, cchunks));
+    // Row range major: the pool hands each thread a contiguous run of units, so a thread keeps
+    // one row range (its weights stay in its L2 across the column chunks). Column chunk major
+    // gave both threads every row of BERT's FFN weights (1.4 MB each at 90%): 12% slower.
     parallel_for(cchunks * rparts, [&](int64_t i) {
-      const int64_t c = i / rparts, r = i % rparts;
+      const int64_t r = i / cchunks, c = i % cchunks;
       const int64_t c0 = std::min(n, ntiles * c / cchunks * kt.spmm_nt);
       const int64_t c1 = std::min(n, ntiles * (c + 1) / cchunks * kt.spmm_nt);
       const int64_t r0 = split(r, rparts), r1 = split(r + 1, rparts);

@@ -1,8 +1,8 @@
 // A small thread pool in which the calling thread takes part.
 //
-// Work is split into chunks claimed from a shared counter. The caller starts on them at once and
-// never waits for a worker the OS has not scheduled: such a worker finds nothing left and goes
-// back to sleep. OpenMP's fork/join waits for every thread at each region's end, which on a busy
+// Work is split into chunks; each thread starts on its own contiguous share (the same one on every
+// call) and then takes what is left of the others'. The caller starts at once and never waits for
+// a worker the OS has not scheduled: such a worker finds nothing left and goes back to sleep. OpenMP's fork/join waits for every thread at each region's end, which on a busy
 // machine cost a whole scheduler slice (~24 ms) per call; this pool degrades to one thread there.
 #pragma once
 

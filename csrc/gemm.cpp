@@ -319,8 +319,12 @@ void dense_gemm(const float* wp, int64_t rows, int64_t K, const float* x, const 
   const int64_t nr = kernels().gemm_nr, npan = ceil_div(n, nr);
   const int64_t cparts = std::min<int64_t>(npan, 8 * nt);
   const int64_t rparts = std::min<int64_t>(mpanels, ceil_div(4 * nt, cparts));
+  // Panel range major, as in sparse_gemm: each thread's contiguous run of units keeps one range
+  // of weight panels, which stays in its L2 across the column ranges. Column major had both
+  // threads stream every panel once per column range: ResNet-50's 14x14 layers (2.4 MB of
+  // weights for the 3x3 one) ran 1.08-1.24x slower at 2 threads (AVX-512).
   parallel_for(cparts * rparts, [&](int64_t i) {
-    const int64_t ci = i / rparts, ri = i % rparts;
+    const int64_t ci = i % cparts, ri = i / cparts;
     const int64_t c0 = npan * ci / cparts * nr, c1 = std::min(n, npan * (ci + 1) / cparts * nr);
     const int64_t p0 = mpanels * ri / rparts, p1 = mpanels * (ri + 1) / rparts;
     if (c1 > c0 && p1 > p0) dense_block(wp, rows, K, p0, p1, x, koff, cs, c0, c1, y, ldy, ep);

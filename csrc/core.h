@@ -127,6 +127,10 @@ struct ConvPlan {
   int64_t n_virtual = 0;   // GEMM columns (oh * wq when phased)
   int64_t buf = 0;         // floats of the lowered input per group (0 = read x directly)
   std::vector<int64_t> koff;
+  // im2col: the phase planes it gathers from (`phase_buf` floats, hq x wq each) and where each
+  // K row starts in them
+  int64_t phase_buf = 0;
+  std::vector<int64_t> poff;
 };
 // `sparse`: the weight runs on the sparse kernel, whose cost follows whole vectors of columns, so
 // the phased layout's wasted columns are free whenever they fit in the vectors a row needs anyway

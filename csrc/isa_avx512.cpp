@@ -15,7 +15,7 @@ namespace isa_avx512 {
 #define SPARSIFY_SPMM_NV 4
 #define SPARSIFY_SPMM_U 2
 #endif
-#define SPARSIFY_GEMM_TP 3  // narrow tiles: 3 panels x 8 columns of accumulators
+#define SPARSIFY_GEMM_TP 6  // narrow tiles: 3 zmm (6 panels) x 8 columns of accumulators
 #define SPARSIFY_GEMM_TC 8
 #define SPARSIFY_ISA_NAME "avx512"
 #include "simd.h"

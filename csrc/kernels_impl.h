@@ -497,6 +497,39 @@ static void gemm_pack_xt(const float* x, const int64_t* koff, int64_t cs, int64_
   }
 }
 
+// One panel's kGemmMR rows of a narrow tile, from its C column vectors t[0, C) (lane r = row
+// r0 + r): bias as a vector, an 8 x 8 transpose into row pieces, then the residual or partial sum,
+// the activation and the store of rows [r0, rows) (none when r0 >= rows).
+template <int C>
+static inline void tile_t_panel(P8* t, int r0, int rows, int cols, float* y, int64_t ldy, int mode,
+                                const Epilogue& ep) {
+  const bool first = mode & kTileFirst, last = mode & kTileLast;
+  const P8 lo = p8_set1(ep.lo), hi = p8_set1(ep.hi);
+  const bool clamp = last && ep.act != kActNone && ep.act != kActGelu;
+  const int nr = rows - r0 < kGemmMR ? rows - r0 : kGemmMR;
+  const P8 b = !(last && ep.bias) || nr <= 0 ? p8_zero()
+               : nr == kGemmMR             ? p8_load(ep.bias + r0)
+                                           : p8_loadn(ep.bias + r0, nr);
+#pragma GCC unroll 8
+  for (int c = 0; c < 8; ++c) t[c] = c < C ? p8_add(t[c], b) : p8_zero();
+  p8_transpose(t);
+  for (int r = 0; r < nr; ++r) {
+    float* yr = y + (int64_t)(r0 + r) * ldy;
+    P8 v = t[r];
+    // the first K block adds the residual, later ones the partial sum in y: each element is
+    // read before it is written, so y may be the residual's buffer
+    const float* from = !first ? yr : ep.res ? ep.res + (int64_t)(r0 + r) * ep.ld_res : nullptr;
+    if (from) v = p8_add(v, cols == 8 ? p8_load(from) : p8_loadn(from, cols));
+    if (clamp) v = p8_clamp(v, lo, hi);
+    if (cols == 8) p8_store(yr, v); else p8_storen(yr, v, cols);
+    if (last && ep.act == kActGelu)  // the vector form: it keeps gelu(-inf) = 0, not NaN
+      for (int c = 0; c < cols; c += W) {
+        const int n = cols - c < W ? cols - c : W;
+        Simd::storen(yr + c, gelu(Simd::loadn(yr + c, n)), n);
+      }
+  }
+}
+
 // rows [0, rows) of kGemmTP consecutive panels (panel p at wp + p * pstride) times the packed
 // X tile [kc][kGemmTC]; adds into columns [0, cols) of y unless this K block is the first, and
 // applies the epilogue on the last.
@@ -520,44 +553,76 @@ static void gemm_micro_t(int64_t kc, int64_t pstride, const float* wp, const flo
       for (int p = 0; p < P; ++p) acc[c][p] = p8_fma(wv[p], xv, acc[c][p]);
     }
   }
-  // bias per row is a vector here; then 8 x 8 transposes turn columns into y's row pieces
-  const bool first = mode & kTileFirst, last = mode & kTileLast;
-  const P8 lo = p8_set1(ep.lo), hi = p8_set1(ep.hi);
-  const bool clamp = last && ep.act != kActNone && ep.act != kActGelu;
 #pragma GCC unroll 4
   for (int p = 0; p < P; ++p) {
-    const int r0 = p * kGemmMR, nr = rows - r0 < kGemmMR ? rows - r0 : kGemmMR;
-    const P8 b = !(last && ep.bias) ? p8_zero() : nr == kGemmMR ? p8_load(ep.bias + r0)
-                                                       : p8_loadn(ep.bias + r0, nr);
     P8 t[8];
 #pragma GCC unroll 8
-    for (int c = 0; c < 8; ++c) t[c] = p8_zero();
-#pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) t[c] = p8_add(acc[c][p], b);
-    p8_transpose(t);
-    for (int r = 0; r < nr; ++r) {  // nr <= 0 past the last row: nothing to write
-      float* yr = y + (int64_t)(r0 + r) * ldy;
-      P8 v = t[r];
-      // the first K block adds the residual, later ones the partial sum in y: each element is
-      // read before it is written, so y may be the residual's buffer
-      const float* from = !first ? yr : ep.res ? ep.res + (int64_t)(r0 + r) * ep.ld_res : nullptr;
-      if (from) v = p8_add(v, cols == 8 ? p8_load(from) : p8_loadn(from, cols));
-      if (clamp) v = p8_clamp(v, lo, hi);
-      if (cols == 8) p8_store(yr, v); else p8_storen(yr, v, cols);
-      if (last && ep.act == kActGelu)  // the vector form: it keeps gelu(-inf) = 0, not NaN
-        for (int c = 0; c < cols; c += W) {
-          const int n = cols - c < W ? cols - c : W;
-          Simd::storen(yr + c, gelu(Simd::loadn(yr + c, n)), n);
-        }
-    }
+    for (int c = 0; c < C; ++c) t[c] = acc[c][p];
+    tile_t_panel<C>(t, p * kGemmMR, rows, cols, y, ldy, mode, ep);
   }
 }
+
+#if defined(SPARSIFY_SIMD_AVX512)
+// The AVX-512 narrow tile: two panels (16 rows) per zmm, each half from its own panel, so a
+// ymm's 8 rows do not leave half of every FMA idle (Intel's cores run two zmm FMAs a cycle, or
+// two ymm ones: the ymm kernel topped out at 126 GFLOP/s, half the peak). With ODD the last
+// zmm's upper half is zero, for a tile of an odd number of panels (the weight's last).
+template <int Q, bool ODD, int C>
+static void gemm_micro_tz(int64_t kc, int64_t pstride, const float* wp, const float* xp,
+                          int rows, int cols, float* y, int64_t ldy, int mode,
+                          const Epilogue& ep) {
+  __m512 acc[C][Q];
+#pragma GCC unroll 8
+  for (int c = 0; c < C; ++c)
+#pragma GCC unroll 4
+    for (int q = 0; q < Q; ++q) acc[c][q] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < kc; ++k) {
+    __m512 wv[Q];
+#pragma GCC unroll 4
+    for (int q = 0; q < Q; ++q) {
+      const __m256 lo = _mm256_loadu_ps(wp + 2 * q * pstride + k * kGemmMR);
+      wv[q] = ODD && q == Q - 1
+                  ? _mm512_zextps256_ps512(lo)
+                  : _mm512_insertf32x8(_mm512_castps256_ps512(lo),
+                                       _mm256_loadu_ps(wp + (2 * q + 1) * pstride + k * kGemmMR), 1);
+    }
+    const float* xk = xp + k * kGemmTC;
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) {
+      const __m512 xv = _mm512_set1_ps(xk[c]);
+#pragma GCC unroll 4
+      for (int q = 0; q < Q; ++q) acc[c][q] = _mm512_fmadd_ps(wv[q], xv, acc[c][q]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int q = 0; q < Q; ++q)
+#pragma GCC unroll 2
+    for (int h = 0; h < (ODD && q == Q - 1 ? 1 : 2); ++h) {
+      P8 t[8];
+#pragma GCC unroll 8
+      for (int c = 0; c < C; ++c)
+        t[c].v = h ? _mm512_extractf32x8_ps(acc[c][q], 1) : _mm512_castps512_ps256(acc[c][q]);
+      tile_t_panel<C>(t, (2 * q + h) * kGemmMR, rows, cols, y, ldy, mode, ep);
+    }
+}
+#endif
 
 template <int C>
 static void gemm_t_cols(int64_t kc, int64_t pstride, const float* wp, const float* xp, int rows,
                         int cols, float* y, int64_t ldy, int mode, const Epilogue& ep) {
   if constexpr (C >= 1) {
     if (cols < C) return gemm_t_cols<C - 1>(kc, pstride, wp, xp, rows, cols, y, ldy, mode, ep);
+#if defined(SPARSIFY_SIMD_AVX512)
+    static_assert(kGemmTP == 6, "the zmm tile takes up to three pairs of panels");
+    switch ((rows + kGemmMR - 1) / kGemmMR) {
+      case 1: return gemm_micro_tz<1, true, C>(kc, pstride, wp, xp, rows, cols, y, ldy, mode, ep);
+      case 2: return gemm_micro_tz<1, false, C>(kc, pstride, wp, xp, rows, cols, y, ldy, mode, ep);
+      case 3: return gemm_micro_tz<2, true, C>(kc, pstride, wp, xp, rows, cols, y, ldy, mode, ep);
+      case 4: return gemm_micro_tz<2, false, C>(kc, pstride, wp, xp, rows, cols, y, ldy, mode, ep);
+      case 5: return gemm_micro_tz<3, true, C>(kc, pstride, wp, xp, rows, cols, y, ldy, mode, ep);
+      default: return gemm_micro_tz<3, false, C>(kc, pstride, wp, xp, rows, cols, y, ldy, mode, ep);
+    }
+#else
     // whole panels only: rows past `rows` read the zero padding of the last panel or, for the
     // panels after it, are skipped by using a smaller P
     const int panels = (rows + kGemmMR - 1) / kGemmMR;
@@ -567,6 +632,7 @@ static void gemm_t_cols(int64_t kc, int64_t pstride, const float* wp, const floa
       gemm_micro_t<(kGemmTP >= 3 ? 2 : 1), C>(kc, pstride, wp, xp, rows, cols, y, ldy, mode, ep);
     else
       gemm_micro_t<1, C>(kc, pstride, wp, xp, rows, cols, y, ldy, mode, ep);
+#endif
   }
 }
 

@@ -101,11 +101,13 @@ def test_sparse_rows_of_every_length(isa, n, rows):
 
 
 # The dense GEMM has two paths: for up to 128 columns that the column tiles would pad, vectors
-# run along the rows (tiles of up to 24 rows x 8 columns on AVX-512), otherwise along the
-# columns. Rows and columns around the tile sizes, K blocks, both paths, 1 and 2 threads.
+# run along the rows (tiles of up to 48 rows x 8 columns on AVX-512, two 8-row panels per zmm
+# and an odd last panel alone; 24 rows on AVX2), otherwise along the columns. Rows and columns
+# around the tile sizes, K blocks, both paths, 1 and 2 threads.
 DENSE_PATH_SHAPES = [  # (M, K, N)
     (1, 3, 2), (8, 1, 7), (23, 17, 8), (24, 40, 9), (25, 5, 49), (50, 70, 196), (16, 9, 256),
     (17, 33, 257), (41, 300, 300), (7, 11, 1000), (30, 2000, 100), (30, 1000, 200),
+    (40, 20, 49), (47, 65, 33), (48, 9, 49), (49, 30, 20), (100, 50, 7),
 ]
 
 

@@ -130,10 +130,12 @@ ConvPlan plan_conv(const ConvShape& s, bool sparse) {
   // The sparse kernel tolerates more waste than the dense one: its im2col copy is a larger share
   // of a layer that does a tenth of the products (ResNet-50's 3x3 on 7x7, 29% wasted columns:
   // 0.76 ms phased against 0.88 with im2col, AVX2, 90% sparse). The dense kernel pays for every
-  // wasted column: 14x14 outputs (16 columns a row, 14% waste) ran 3.18 ms phased against 3.03
-  // with im2col, and 7x7 ones (8 a row) 4.05 against 3.19, where im2col's 49 columns also take
-  // the narrow kernel (ResNet-50's 256- and 512-channel 3x3 convs, 1 thread, AVX2).
-  const int64_t max_waste = sparse ? 135 : 110;
+  // wasted column, but 14x14 outputs (16 columns a row, 14% waste) still ran phased in 0.81 ms
+  // against 0.94 with im2col at 2 threads, 1.47 against 1.53 at 1 (256 channels, AVX-512; AVX2
+  // had measured 3.18 against 3.03 at 1 thread before im2col gathered from phase planes). 7x7
+  // ones (8 a row, 29% waste) stay im2col: 4.05 against 3.19 phased (AVX2), and im2col's 49
+  // columns also take the narrow kernel.
+  const int64_t max_waste = sparse ? 135 : 115;
   if (p.wq * 100 <= s.ow * max_waste || free_waste) {
     p.mode = ConvPlan::kPhased;
     p.n_virtual = s.oh * p.wq;

@@ -9,8 +9,8 @@ using V = Simd::V;
 constexpr int W = Simd::W;
 constexpr int kSpmmNV = SPARSIFY_SPMM_NV;  // vectors per sparse tile
 constexpr int kSpmmU = SPARSIFY_SPMM_U;
-// The loop choices of spmm_tile, measured on Zen 3 (AVX2) only: other builds keep the plain loop
-// unless their isa_*.cpp opts in.
+// The loop choices of spmm_tile, each on where its isa_*.cpp opts in (AVX2 both, measured on
+// Zen 3; AVX-512 the short-row one, measured on a Xeon); the portable build keeps the plain loop.
 #ifndef SPARSIFY_SPMM_PERM
 #define SPARSIFY_SPMM_PERM 0
 #endif

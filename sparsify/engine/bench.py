@@ -8,8 +8,11 @@ Method (shared with ``scripts/bench_engine.py``): both runtimes load the same ON
 the same inputs; their outputs are compared first. They are then timed in alternating blocks:
 within a block one runtime runs alone after its own warm-up, because calling them strictly in
 turn let onnxruntime's spin-waiting worker threads hold a core during the engine's next call
-(measured: ResNet-50 90% at 2 threads, 29.5 ms per call interleaved vs 17.5 ms alone); blocks
-alternate so that slow drift on a shared machine hits both alike. Speedups are ratios of medians.
+(measured: ResNet-50 90% at 2 threads, 29.5 ms per call interleaved vs 17.5 ms alone). Each
+block starts 50 ms after the one before, when the other runtime's threads have gone to sleep
+(without the pause onnxruntime's threads, still spinning, doubled the time of the engine's first
+MobileNetV2 calls after its warm-up: p90 7.7 ms against a 3.6 ms median). Blocks alternate so
+that slow drift on a shared machine hits both alike. Speedups are ratios of medians.
 """
 
 from __future__ import annotations
@@ -29,12 +32,17 @@ def latency_stats(times_s) -> dict:
             "p90_ms": float(np.percentile(t, 90)), "p99_ms": float(np.percentile(t, 99)), "n": int(t.size)}
 
 
-def time_blocks(runners: dict, warmup: int, repeats: int, blocks: int = 5) -> dict:
-    """runner name -> latency_stats, each runner timed alone in its own block, blocks alternating."""
+def time_blocks(runners: dict, warmup: int, repeats: int, blocks: int = 5,
+                settle_s: float = 0.05) -> dict:
+    """runner name -> latency_stats, each runner timed alone in its own block, blocks alternating.
+
+    Each block starts ``settle_s`` after the previous one, so the other runtime's worker threads
+    have stopped spinning and gone to sleep before its warm-up."""
     per_block = max(1, -(-repeats // blocks))
     times = {name: [] for name in runners}
     for _ in range(blocks):
         for name, fn in runners.items():
+            time.sleep(settle_s)
             for _ in range(warmup):
                 fn()
             for _ in range(per_block):

@@ -110,7 +110,7 @@ def test_sample_feeds_draw_token_ids_from_the_embedding_rows():
 def test_time_blocks_alternates_and_counts():
     calls = []
     res = time_blocks({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
-                      warmup=1, repeats=6, blocks=3)
+                      warmup=1, repeats=6, blocks=3, settle_s=0.0)
     assert res["a"]["n"] == res["b"]["n"] == 6
     # blocks alternate: a's block (1 warm-up + 2 timed), then b's, three times
     assert calls == (["a"] * 3 + ["b"] * 3) * 3

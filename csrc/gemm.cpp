@@ -143,8 +143,28 @@ void sparse_gemm(const SparseWeight& w, const SparseLayout& l, int64_t m0, int64
     // Chunks that cut tiles into 3-vector pieces (as 28 vectors in 8 chunks did) run the
     // narrower kernel: 1.4x of one thread on ResNet-50's 14x14 3x3 layer against 1.85x with
     // whole tiles.
-    const int64_t cchunks = std::min<int64_t>(ntiles, 4 * nt);
-    const int64_t rparts = std::min<int64_t>(4, ceil_div(2 * nt, cchunks));
+    int64_t cchunks = std::min<int64_t>(ntiles, 4 * nt);
+    int64_t rparts = std::min<int64_t>(4, ceil_div(2 * nt, cchunks));
+    // The pool gives each thread a contiguous run of units; where the column chunks would share
+    // out unevenly (ResNet-50's 14x14 planes: 3 whole tiles and a quarter one, 2 + 1.25 on 2
+    // threads), each thread takes a row range over all columns instead, balanced by nonzeros,
+    // at the price of packing every X tile once per thread: those layers ran 1.13-1.44x faster
+    // at 2 threads. Where the chunks share out within 10% (28x28 and 56x56 planes) the extra
+    // packing lost 10-35% (AVX-512).
+    if (rparts == 1) {
+      auto vecs = [&](int64_t c0, int64_t c1) {  // vectors of column chunks [c0, c1)
+        const int64_t a = std::min(n, ntiles * c0 / cchunks * kt.spmm_nt);
+        const int64_t b = std::min(n, ntiles * c1 / cchunks * kt.spmm_nt);
+        return ceil_div(b, vw) - ceil_div(a, vw);
+      };
+      int64_t most = 0;
+      for (int64_t t = 0; t < nt; ++t)
+        most = std::max(most, vecs(split_point(cchunks, nt, t), split_point(cchunks, nt, t + 1)));
+      if (10 * most * nt > 11 * nvec) {
+        cchunks = 1;
+        rparts = nt;
+      }
+    }
     // Row range major: the pool hands each thread a contiguous run of units, so a thread keeps
     // one row range (its weights stay in its L2 across the column chunks). Column chunk major
     // gave both threads every row of BERT's FFN weights (1.4 MB each at 90%): 12% slower.

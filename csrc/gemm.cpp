@@ -148,7 +148,7 @@ void sparse_gemm(const SparseWeight& w, const SparseLayout& l, int64_t m0, int64
     // The pool gives each thread a contiguous run of units; where the column chunks would share
     // out unevenly (ResNet-50's 14x14 planes: 3 whole tiles and a quarter one, 2 + 1.25 on 2
     // threads), each thread takes a row range over all columns instead, balanced by nonzeros,
-    // at the price of packing every X tile once per thread: those layers ran 1.13-1.44x faster
+    // at the price of packing every X tile once per thread: those layers ran 1.16-1.43x faster
     // at 2 threads. Where the chunks share out within 10% (28x28 and 56x56 planes) the extra
     // packing lost 10-35% (AVX-512).
     if (rparts == 1) {

@@ -15,11 +15,12 @@
 namespace sparsify {
 namespace {
 
-// How long an idle worker polls for the next job before it sleeps. By the clock, not a count of
-// pauses: a pause is ~10 ns on some CPUs and ~40 on others. A wake-up from sleep took 100 us or
-// more on a 2-vCPU KVM guest, longer than many layers, so a worker that slept between two ops of
-// one run missed the second one.
-constexpr std::chrono::microseconds kSpinTime{200};
+// How long an idle worker polls for the next job before it sleeps: long enough to span the
+// Python step between two ops of a run, short enough to give the core back soon when there are
+// more threads than cores (200 us made ResNet-50 90% at 4 threads on 2 busy cores 1.3x slower
+// than this; 38 us, as 4000 pauses took on a Xeon, ran the same). By the clock, not a count of
+// pauses: a pause takes ~10 ns on some CPUs and ~40 on others.
+constexpr std::chrono::microseconds kSpinTime{50};
 constexpr int kSpin = 4000;  // polls before the submitter's join yields its core
 thread_local bool t_in_task = false;
 

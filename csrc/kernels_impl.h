@@ -396,8 +396,8 @@ static void gemm_tile(int64_t kc, const float* wp, const float* xp, int width, i
 // Narrow-output dense GEMM with vectors along the rows: each weight panel's kGemmMR rows at one k
 // are one 8-float vector and each column of X is a broadcast, so a 7x7 plane (49 columns) costs
 // 49 columns of work instead of the 64 that 16-column vectors round it up to. Eight floats are
-// one ymm under AVX-512 (AVX-512VL gives 32 of them; Zen 4 runs two ymm FMAs per cycle, as many
-// flops as one zmm) and AVX2, two xmm in the portable build.
+// one ymm with AVX2, two xmm in the portable build. The AVX-512 tile (gemm_micro_tz) holds two
+// panels per zmm and uses these 8-float pieces only in its epilogue.
 #if defined(SPARSIFY_SIMD_AVX512) || defined(SPARSIFY_SIMD_AVX2)
 struct P8 { __m256 v; };
 static inline P8 p8_zero() { return {_mm256_setzero_ps()}; }

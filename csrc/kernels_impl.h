@@ -595,15 +595,16 @@ static void gemm_micro_tz(int64_t kc, int64_t pstride, const float* wp, const fl
     }
   }
 #pragma GCC unroll 4
-  for (int q = 0; q < Q; ++q)
-#pragma GCC unroll 2
-    for (int h = 0; h < (ODD && q == Q - 1 ? 1 : 2); ++h) {
-      P8 t[8];
+  for (int q = 0; q < Q; ++q) {
+    P8 t[8];
 #pragma GCC unroll 8
-      for (int c = 0; c < C; ++c)
-        t[c].v = h ? _mm512_extractf32x8_ps(acc[c][q], 1) : _mm512_castps512_ps256(acc[c][q]);
-      tile_t_panel<C>(t, (2 * q + h) * kGemmMR, rows, cols, y, ldy, mode, ep);
-    }
+    for (int c = 0; c < C; ++c) t[c].v = _mm512_extractf32x8_ps(acc[c][q], 0);
+    tile_t_panel<C>(t, 2 * q * kGemmMR, rows, cols, y, ldy, mode, ep);
+    if (ODD && q == Q - 1) break;
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) t[c].v = _mm512_extractf32x8_ps(acc[c][q], 1);
+    tile_t_panel<C>(t, (2 * q + 1) * kGemmMR, rows, cols, y, ldy, mode, ep);
+  }
 }
 #endif
 

@@ -307,30 +307,28 @@ void depthwise_channels(const float* w, const float* x, const ConvShape& s, cons
   ep.lo = lo;
   ep.hi = hi;
   parallel_range(s.n * groups, s.n * s.c * plane * taps < kSerialWork, [&](int64_t task) {
-    thread_local FloatBuf t_in, t_wv, t_out;
+    thread_local FloatBuf t_in, t_wv, t_out, t_tr;
     const int64_t img = task / groups, c0 = task % groups * W, cn = std::min(W, s.c - c0);
     float* in = t_in.get(hp * wp * W);
     float* wv = t_wv.get((taps + 1) * W);
     float* out = t_out.get(plane * W);
+    float* tr = t_tr.get(s.h * s.w * W);
     std::memset(in, 0, sizeof(float) * hp * wp * W);
     std::memset(wv, 0, sizeof(float) * (taps + 1) * W);
     const float* src = x + (img * s.c + c0) * s.h * s.w;
     const int64_t hw = s.h * s.w;
-    // pixel-major so the writes are contiguous; the cn reads walk their planes in order
-    for (int64_t r = std::max<int64_t>(0, s.pt); r < std::min(hp, s.h + s.pt); ++r)
-      for (int64_t q = std::max<int64_t>(0, s.pl); q < std::min(wp, s.w + s.pl); ++q) {
-        const float* px = src + (r - s.pt) * s.w + q - s.pl;
-        float* d = in + (r * wp + q) * W;
-        for (int64_t c = 0; c < cn; ++c) d[c] = px[c * hw];
-      }
+    // [cn][h * w] -> [h * w][W] by blocked transposes, then each input row into its padded place
+    // (a scalar gather per element here took most of a small-plane layer's time)
+    transpose_serial(src, hw, cn, hw, tr, W);
+    const int64_t rows = std::min(s.h, hp - s.pt), cols = std::min(s.w, wp - s.pl);
+    for (int64_t iy = 0; iy < rows && cols > 0; ++iy)
+      std::memcpy(in + ((iy + s.pt) * wp + s.pl) * W, tr + iy * s.w * W, sizeof(float) * cols * W);
     for (int64_t c = 0; c < cn; ++c) {
       for (int64_t t = 0; t < taps; ++t) wv[t * W + c] = w[(c0 + c) * taps + t];
       wv[taps * W + c] = bias ? bias[c0 + c] : 0.f;
     }
     kt.dw_channels(in, wp, wv, s.kh, s.kw, s.sh, s.sw, s.dh, s.dw, s.oh, s.ow, out, ep);
-    float* dst = y + (img * s.c + c0) * plane;
-    for (int64_t p = 0; p < plane; ++p)
-      for (int64_t c = 0; c < cn; ++c) dst[c * plane + p] = out[p * W + c];
+    transpose_serial(out, W, plane, cn, y + (img * s.c + c0) * plane, plane);
   });
 }
 
@@ -339,11 +337,12 @@ void depthwise_channels(const float* w, const float* x, const ConvShape& s, cons
 void run_depthwise(const float* w, const float* x, const ConvShape& s, const float* bias, int act,
                    float lo, float hi, float* y) {
   if (s.n * s.c == 0 || s.oh == 0 || s.ow == 0) return;
-  // Measured against the per-plane path on MobileNetV2 / EfficientNet shapes: channel vectors
-  // win on 7x7 outputs and on strided 14x14 ones; elsewhere their scalar interleave costs more
-  // than the per-plane path's half-empty vectors.
+  // Measured against the per-plane path on MobileNetV2 / EfficientNet shapes (AVX-512, 1 thread):
+  // channel vectors win on outputs up to 14x14 (384 channels at 14x14: 53 us against 64) and
+  // on strided ones up to 16x16; from 28x28 on the interleave costs more than the per-plane
+  // path's partly empty vectors (192 channels at 28x28: 115 us against 87).
   const int64_t plane = s.oh * s.ow;
-  if (plane <= 64 || ((s.sh > 1 || s.sw > 1) && plane <= 256))
+  if (plane <= 196 || ((s.sh > 1 || s.sw > 1) && plane <= 256))
     depthwise_channels(w, x, s, bias, act, lo, hi, y);
   else window_planes(0, w, x, s, 0.f, bias, act, lo, hi, y);
 }

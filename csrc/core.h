@@ -115,6 +115,11 @@ void run_linear_chain(const WeightRef& w1, int64_t M1, int64_t K1, const float* 
                       int act2, float lo2, float hi2, const float* x, const RowNorm* ln,
                       int64_t T, const float* res, int layout, float* y);
 
+// dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols, on the calling thread (16 x 16
+// blocks of SSE 4 x 4 transposes).
+void transpose_serial(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst,
+                      int64_t ldd);
+
 struct ConvShape {
   int64_t n, c, h, w, m, oh, ow;
   int kh, kw, sh, sw, pt, pl, pb, pr, dh, dw, group;

@@ -91,7 +91,9 @@ void transpose_out(const float* yt, int64_t M, int64_t T, const float* res, int 
   });
 }
 
-// dst[c * ldd + r] = src[r * lds + c] on the calling thread (one attention head's K).
+}  // namespace
+
+// See core.h (one attention head's K; depthwise conv's channel interleave).
 void transpose_serial(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst,
                       int64_t ldd) {
   constexpr int64_t B = 16;
@@ -104,6 +106,8 @@ void transpose_serial(const float* src, int64_t lds, int64_t rows, int64_t cols,
       else transpose_any(s, lds, d, ldd, rr, cc);
     }
 }
+
+namespace {
 
 // Rows a[r * lda + k] (r < m) times `scale` into kGemmMR-row panels [panel][k][kGemmMR], the
 // rows past m zero: the dense kernel's weight layout, built per call for an activation.

@@ -307,6 +307,11 @@ DW_CASES = [  # (N, C, H, W, k, strides, pads, dilations)
     (2, 37, 7, 7, 3, (1, 1), (1, 1, 1, 1), (1, 1)),
     (1, 40, 14, 14, 5, (2, 2), (2, 1, 2, 2), (1, 1)),
     (1, 19, 9, 6, 3, (2, 1), (0, 1, 2, 0), (2, 1)),
+    # up to 14x14 outputs at stride 1 too; windows that skip the last input rows and columns;
+    # padding wider than the window
+    (1, 40, 14, 14, 3, (1, 1), (1, 1, 1, 1), (1, 1)),
+    (1, 20, 10, 10, 3, (2, 2), (0, 0, 0, 0), (1, 1)),
+    (1, 17, 6, 6, 3, (1, 1), (3, 3, 3, 3), (1, 1)),
 ]
 
 

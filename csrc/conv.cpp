@@ -317,8 +317,9 @@ void depthwise_channels(const float* w, const float* x, const ConvShape& s, cons
     std::memset(wv, 0, sizeof(float) * (taps + 1) * W);
     const float* src = x + (img * s.c + c0) * s.h * s.w;
     const int64_t hw = s.h * s.w;
-    // [cn][h * w] -> [h * w][W] by blocked transposes, then each input row into its padded place
-    // (a scalar gather per element here took most of a small-plane layer's time)
+    // [cn][h * w] -> [h * w][W] by blocked transposes over the whole plane, then each input row
+    // into its padded place (a scalar gather per element here took most of a small-plane layer's
+    // time; transposing row by row would leave rows narrower than 16 to the scalar edge loop)
     transpose_serial(src, hw, cn, hw, tr, W);
     const int64_t rows = std::min(s.h, hp - s.pt), cols = std::min(s.w, wp - s.pl);
     for (int64_t iy = 0; iy < rows && cols > 0; ++iy)

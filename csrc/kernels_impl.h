@@ -396,7 +396,7 @@ static void gemm_tile(int64_t kc, const float* wp, const float* xp, int width, i
 // Narrow-output dense GEMM with vectors along the rows: each weight panel's kGemmMR rows at one k
 // are one 8-float vector and each column of X is a broadcast, so a 7x7 plane (49 columns) costs
 // 49 columns of work instead of the 64 that 16-column vectors round it up to. Eight floats are
-// one ymm with AVX2, two xmm in the portable build. The AVX-512 tile (gemm_micro_tz) holds two
+// one ymm with AVX2, two xmm in the portable build. The AVX-512 tile (RV below) holds two
 // panels per zmm and uses these 8-float pieces only in its epilogue.
 #if defined(SPARSIFY_SIMD_AVX512) || defined(SPARSIFY_SIMD_AVX2)
 struct P8 { __m256 v; };
@@ -530,110 +530,96 @@ static inline void tile_t_panel(P8* t, int r0, int rows, int cols, float* y, int
   }
 }
 
-// rows [0, rows) of kGemmTP consecutive panels (panel p at wp + p * pstride) times the packed
-// X tile [kc][kGemmTC]; adds into columns [0, cols) of y unless this K block is the first, and
-// applies the epilogue on the last.
-template <int P, int C>
+// The narrow tile's row vector: kRvPanels consecutive weight panels at one k. AVX-512 holds two
+// panels (16 rows) per zmm, each half from its own panel: a ymm's 8 rows left half of every FMA
+// idle on Intel's cores, which run two zmm FMAs a cycle (the ymm tile topped out at 126 GFLOP/s,
+// half the peak). Elsewhere one panel per P8. `lone`: the second panel does not exist (a tile of
+// an odd number of panels, the weight's last), so the upper half is zero.
+#if defined(SPARSIFY_SIMD_AVX512)
+using RV = __m512;
+constexpr int kRvPanels = 2;
+static inline RV rv_zero() { return _mm512_setzero_ps(); }
+static inline RV rv_set1(float a) { return _mm512_set1_ps(a); }
+static inline RV rv_fma(RV a, RV b, RV c) { return _mm512_fmadd_ps(a, b, c); }
+static inline RV rv_load(const float* p, int64_t pstride, bool lone) {
+  const __m256 lo = _mm256_loadu_ps(p);
+  return lone ? _mm512_zextps256_ps512(lo)
+              : _mm512_insertf32x8(_mm512_castps256_ps512(lo), _mm256_loadu_ps(p + pstride), 1);
+}
+static inline P8 rv_half(RV v, int h) {
+  return {h ? _mm512_extractf32x8_ps(v, 1) : _mm512_extractf32x8_ps(v, 0)};
+}
+#else
+using RV = P8;
+constexpr int kRvPanels = 1;
+static inline RV rv_zero() { return p8_zero(); }
+static inline RV rv_set1(float a) { return p8_set1(a); }
+static inline RV rv_fma(RV a, RV b, RV c) { return p8_fma(a, b, c); }
+static inline RV rv_load(const float* p, int64_t, bool) { return p8_load(p); }
+static inline P8 rv_half(RV v, int) { return v; }
+#endif
+static_assert(kGemmTP % kRvPanels == 0, "narrow tiles take whole row vectors");
+
+// Rows [0, rows) of Q row vectors (Q * kRvPanels consecutive panels, panel p at wp + p * pstride;
+// with ODD the last vector's second panel is absent) times the packed X tile [kc][kGemmTC]; adds
+// into columns [0, cols) of y unless this K block is the first, and applies the epilogue on the
+// last.
+template <int Q, bool ODD, int C>
 static void gemm_micro_t(int64_t kc, int64_t pstride, const float* wp, const float* xp, int rows,
                          int cols, float* y, int64_t ldy, int mode, const Epilogue& ep) {
-  P8 acc[C][P];
+  RV acc[C][Q];
 #pragma GCC unroll 8
   for (int c = 0; c < C; ++c)
 #pragma GCC unroll 4
-    for (int p = 0; p < P; ++p) acc[c][p] = p8_zero();
+    for (int q = 0; q < Q; ++q) acc[c][q] = rv_zero();
   for (int64_t k = 0; k < kc; ++k) {
-    P8 wv[P];
+    RV wv[Q];
 #pragma GCC unroll 4
-    for (int p = 0; p < P; ++p) wv[p] = p8_load(wp + p * pstride + k * kGemmMR);
+    for (int q = 0; q < Q; ++q)
+      wv[q] = rv_load(wp + kRvPanels * q * pstride + k * kGemmMR, pstride, ODD && q == Q - 1);
     const float* xk = xp + k * kGemmTC;
 #pragma GCC unroll 8
     for (int c = 0; c < C; ++c) {
-      const P8 xv = p8_set1(xk[c]);
+      const RV xv = rv_set1(xk[c]);
 #pragma GCC unroll 4
-      for (int p = 0; p < P; ++p) acc[c][p] = p8_fma(wv[p], xv, acc[c][p]);
+      for (int q = 0; q < Q; ++q) acc[c][q] = rv_fma(wv[q], xv, acc[c][q]);
     }
   }
 #pragma GCC unroll 4
-  for (int p = 0; p < P; ++p) {
-    P8 t[8];
+  for (int q = 0; q < Q; ++q)
+    for (int h = 0; h < kRvPanels; ++h) {
+      if (ODD && q == Q - 1 && h == 1) break;
+      P8 t[8];
 #pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) t[c] = acc[c][p];
-    tile_t_panel<C>(t, p * kGemmMR, rows, cols, y, ldy, mode, ep);
-  }
+      for (int c = 0; c < C; ++c) t[c] = rv_half(acc[c][q], h);
+      tile_t_panel<C>(t, (kRvPanels * q + h) * kGemmMR, rows, cols, y, ldy, mode, ep);
+    }
 }
 
-#if defined(SPARSIFY_SIMD_AVX512)
-// The AVX-512 narrow tile: two panels (16 rows) per zmm, each half from its own panel, so a
-// ymm's 8 rows do not leave half of every FMA idle (Intel's cores run two zmm FMAs a cycle, or
-// two ymm ones: the ymm kernel topped out at 126 GFLOP/s, half the peak). With ODD the last
-// zmm's upper half is zero, for a tile of an odd number of panels (the weight's last).
-template <int Q, bool ODD, int C>
-static void gemm_micro_tz(int64_t kc, int64_t pstride, const float* wp, const float* xp,
-                          int rows, int cols, float* y, int64_t ldy, int mode,
-                          const Epilogue& ep) {
-  __m512 acc[C][Q];
-#pragma GCC unroll 8
-  for (int c = 0; c < C; ++c)
-#pragma GCC unroll 4
-    for (int q = 0; q < Q; ++q) acc[c][q] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < kc; ++k) {
-    __m512 wv[Q];
-#pragma GCC unroll 4
-    for (int q = 0; q < Q; ++q) {
-      const __m256 lo = _mm256_loadu_ps(wp + 2 * q * pstride + k * kGemmMR);
-      wv[q] = ODD && q == Q - 1
-                  ? _mm512_zextps256_ps512(lo)
-                  : _mm512_insertf32x8(_mm512_castps256_ps512(lo),
-                                       _mm256_loadu_ps(wp + (2 * q + 1) * pstride + k * kGemmMR), 1);
-    }
-    const float* xk = xp + k * kGemmTC;
-#pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) {
-      const __m512 xv = _mm512_set1_ps(xk[c]);
-#pragma GCC unroll 4
-      for (int q = 0; q < Q; ++q) acc[c][q] = _mm512_fmadd_ps(wv[q], xv, acc[c][q]);
-    }
-  }
-#pragma GCC unroll 4
-  for (int q = 0; q < Q; ++q) {
-    P8 t[8];
-#pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) t[c].v = _mm512_extractf32x8_ps(acc[c][q], 0);
-    tile_t_panel<C>(t, 2 * q * kGemmMR, rows, cols, y, ldy, mode, ep);
-    if (ODD && q == Q - 1) break;
-#pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) t[c].v = _mm512_extractf32x8_ps(acc[c][q], 1);
-    tile_t_panel<C>(t, (2 * q + 1) * kGemmMR, rows, cols, y, ldy, mode, ep);
+// The tile with q row vectors (at most Q), odd: its last vector has one panel.
+template <int C, int Q>
+static void gemm_t_rows(int q, bool odd, int64_t kc, int64_t pstride, const float* wp,
+                        const float* xp, int rows, int cols, float* y, int64_t ldy, int mode,
+                        const Epilogue& ep) {
+  if constexpr (Q >= 1) {
+    if (q < Q) return gemm_t_rows<C, Q - 1>(q, odd, kc, pstride, wp, xp, rows, cols, y, ldy, mode, ep);
+    if constexpr (kRvPanels > 1)
+      if (odd) return gemm_micro_t<Q, true, C>(kc, pstride, wp, xp, rows, cols, y, ldy, mode, ep);
+    gemm_micro_t<Q, false, C>(kc, pstride, wp, xp, rows, cols, y, ldy, mode, ep);
   }
 }
-#endif
 
 template <int C>
 static void gemm_t_cols(int64_t kc, int64_t pstride, const float* wp, const float* xp, int rows,
                         int cols, float* y, int64_t ldy, int mode, const Epilogue& ep) {
   if constexpr (C >= 1) {
     if (cols < C) return gemm_t_cols<C - 1>(kc, pstride, wp, xp, rows, cols, y, ldy, mode, ep);
-#if defined(SPARSIFY_SIMD_AVX512)
-    static_assert(kGemmTP == 6, "the zmm tile takes up to three pairs of panels");
-    switch ((rows + kGemmMR - 1) / kGemmMR) {
-      case 1: return gemm_micro_tz<1, true, C>(kc, pstride, wp, xp, rows, cols, y, ldy, mode, ep);
-      case 2: return gemm_micro_tz<1, false, C>(kc, pstride, wp, xp, rows, cols, y, ldy, mode, ep);
-      case 3: return gemm_micro_tz<2, true, C>(kc, pstride, wp, xp, rows, cols, y, ldy, mode, ep);
-      case 4: return gemm_micro_tz<2, false, C>(kc, pstride, wp, xp, rows, cols, y, ldy, mode, ep);
-      case 5: return gemm_micro_tz<3, true, C>(kc, pstride, wp, xp, rows, cols, y, ldy, mode, ep);
-      default: return gemm_micro_tz<3, false, C>(kc, pstride, wp, xp, rows, cols, y, ldy, mode, ep);
-    }
-#else
-    // whole panels only: rows past `rows` read the zero padding of the last panel or, for the
-    // panels after it, are skipped by using a smaller P
+    // whole panels only: rows past `rows` read the zero padding of the last panel, and panels
+    // after it are left out by a smaller tile
     const int panels = (rows + kGemmMR - 1) / kGemmMR;
-    if (panels >= kGemmTP || kGemmTP == 1)
-      gemm_micro_t<kGemmTP, C>(kc, pstride, wp, xp, rows, cols, y, ldy, mode, ep);
-    else if (kGemmTP >= 3 && panels == 2)
-      gemm_micro_t<(kGemmTP >= 3 ? 2 : 1), C>(kc, pstride, wp, xp, rows, cols, y, ldy, mode, ep);
-    else
-      gemm_micro_t<1, C>(kc, pstride, wp, xp, rows, cols, y, ldy, mode, ep);
-#endif
+    gemm_t_rows<C, kGemmTP / kRvPanels>((panels + kRvPanels - 1) / kRvPanels,
+                                        panels % kRvPanels != 0, kc, pstride, wp, xp, rows, cols,
+                                        y, ldy, mode, ep);
   }
 }
 

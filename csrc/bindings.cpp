@@ -241,7 +241,12 @@ NB_MODULE(_core, mod) {
     const float* r = unaliased(same_or_null(res, numel(y), "conv residual"), numel(y), y.data(),
                                numel(y), true, res_copy);
     const ConvPlan plan = plan_conv(s, sw != nullptr);
-    const WeightRef w = bind_weight(sw, dw, plan.koff, group);  // caches: needs the GIL
+    WeightRef w = bind_weight(sw, dw, plan.koff, group);  // caches: needs the GIL
+    if (plan.mode == ConvPlan::kRowwise) {
+      const int64_t vp = kernels().conv_t_panels;
+      w.dense_panels = dw->vector_panels(group, vp, &w.panels_per_group);
+      w.panel_rows = vp * kGemmMR;
+    }
     nb::gil_scoped_release nogil;
     run_conv2d(w, plan, xp, s, b, r, a.act, a.lo, a.hi, y.data());
   });

@@ -30,6 +30,11 @@ class FloatBuf {
     return p_;
   }
   float* data() const { return p_; }
+  void release() {
+    std::free(p_);
+    p_ = nullptr;
+    n_ = 0;
+  }
 
  private:
   float* p_ = nullptr;
@@ -67,9 +72,18 @@ struct DenseWeight {
   // Panels whose boundaries fall on group boundaries (built once per group count on first use;
   // call with the GIL held). *per_group receives the panel count of one group.
   const float* panels_for(int64_t groups, int64_t* per_group);
+  // The same rows as row vectors of `vp` panels ([vector][K][vp * kGemmMR], zero padded), each
+  // group starting a vector (KernelTable::conv_tile_t); *per_group receives a group's vectors.
+  // The first ungrouped request with vp > 1 makes that layout the stored one and frees the
+  // panels (a conv weight runs one way on a given CPU; panels_for rebuilds them if asked).
+  const float* vector_panels(int64_t groups, int64_t vp, int64_t* per_group);
   int64_t M, K;
-  FloatBuf panels;
+
+ private:
+  FloatBuf panels;  // [panel][K][kGemmMR], unless freed for vectors[{1, stored_vp}]
+  int64_t stored_vp = 0;
   std::map<int64_t, std::unique_ptr<FloatBuf>> grouped;
+  std::map<std::pair<int64_t, int64_t>, std::unique_ptr<FloatBuf>> vectors;
 };
 
 // A weight bound to one kernel and one layout of X.
@@ -78,6 +92,7 @@ struct WeightRef {
   const SparseLayout* layout = nullptr;  // sparse: the kernel's layout
   const float* dense_panels = nullptr;  // dense: first panel of the row range
   int64_t panels_per_group = 0;         // dense: panels of one conv group
+  int64_t panel_rows = kGemmMR;         // dense: rows per panel (more for vector_panels)
 };
 
 // Prepares w for X rows at koff (sparse: offsets; dense: group-aligned panels).
@@ -127,7 +142,8 @@ struct ConvShape {
 
 // How one group of a conv becomes a GEMM: which buffer holds X and where its K rows start.
 struct ConvPlan {
-  enum Mode { kDirect, kPhased, kIm2col } mode;
+  // kRowwise: a dense weight over the phase planes one output row at a time (conv_tile_t)
+  enum Mode { kDirect, kPhased, kIm2col, kRowwise } mode;
   int64_t hq = 0, wq = 0;  // phased: rows / row pitch of each phase plane
   int64_t n_virtual = 0;   // GEMM columns (oh * wq when phased)
   int64_t buf = 0;         // floats of the lowered input per group (0 = read x directly)

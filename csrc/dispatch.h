@@ -99,6 +99,14 @@ struct KernelTable {
                        float* xp);
   void (*gemm_tile_t)(int64_t kc, int64_t pstride, const float* wp, const float* xp, int rows,
                       int cols, float* y, int64_t ldy, int mode, const Epilogue& ep);
+  // The same tile reading X in place: column c of K row k is x[koff[k] + c] (a conv's phase
+  // planes at one output row, so no column is packed or wasted; see conv.cpp's rowwise path).
+  // Its weights come as row vectors of conv_t_panels panels, [vector][k][conv_t_panels *
+  // kGemmMR] (DenseWeight::vector_panels), pstride floats apart.
+  int conv_t_panels;
+  void (*conv_tile_t)(int64_t kc, int64_t pstride, const float* wp, const float* x,
+                      const int64_t* koff, int rows, int cols, float* y, int64_t ldy, int mode,
+                      const Epilogue& ep);
 
   // Depthwise conv on simd_width channels at once (for small planes, where per-plane work is too
   // little to fill vectors): in is the padded input, channels interleaved per pixel

@@ -378,6 +378,13 @@ DenseWeight::DenseWeight(const float* w, int64_t m, int64_t k) : M(m), K(k) {
 }
 
 void DenseWeight::to_dense(float* out) const {
+  if (stored_vp) {  // the panels gave way to row vectors
+    const int64_t width = stored_vp * kGemmMR;
+    const float* v = vectors.at({1, stored_vp})->data();
+    for (int64_t r = 0; r < M; ++r)
+      for (int64_t j = 0; j < K; ++j) out[r * K + j] = v[((r / width) * K + j) * width + r % width];
+    return;
+  }
   const float* p = panels.data();
   for (int64_t r = 0; r < M; ++r)
     for (int64_t j = 0; j < K; ++j) out[r * K + j] = p[((r / kGemmMR) * K + j) * kGemmMR + r % kGemmMR];
@@ -386,13 +393,48 @@ void DenseWeight::to_dense(float* out) const {
 const float* DenseWeight::panels_for(int64_t groups, int64_t* per_group) {
   const int64_t mg = M / groups;
   *per_group = ceil_div(mg, kGemmMR);
-  if (groups == 1 || mg % kGemmMR == 0) return panels.data();
+  if (groups == 1 || mg % kGemmMR == 0) {
+    if (stored_vp) {  // back from row vectors: both layouts stay from now on
+      std::vector<float> dense(M * K);
+      to_dense(dense.data());
+      pack_panels(dense.data(), M, K, 1, panels.get(std::max<int64_t>(1, ceil_div(M, kGemmMR) * kGemmMR * K)));
+      stored_vp = 0;
+    }
+    return panels.data();
+  }
   auto& buf = grouped[groups];
   if (!buf) {
     std::vector<float> dense(M * K);
     to_dense(dense.data());
     buf = std::make_unique<FloatBuf>();
     pack_panels(dense.data(), M, K, groups, buf->get(groups * *per_group * kGemmMR * K));
+  }
+  return buf->data();
+}
+
+const float* DenseWeight::vector_panels(int64_t groups, int64_t vp, int64_t* per_group) {
+  const int64_t mg = M / groups, width = vp * kGemmMR;
+  *per_group = ceil_div(mg, width);
+  if (vp == 1) return panels_for(groups, per_group);
+  auto& buf = vectors[{groups, vp}];
+  if (!buf) {
+    std::vector<float> dense(M * K);
+    to_dense(dense.data());
+    auto b = std::make_unique<FloatBuf>();
+    const int64_t n = groups * *per_group * width * K;
+    float* dst = b->get(std::max<int64_t>(1, n));
+    std::memset(dst, 0, sizeof(float) * n);
+    for (int64_t g = 0; g < groups; ++g)
+      for (int64_t r = 0; r < mg; ++r) {
+        float* d = dst + ((g * *per_group + r / width) * K) * width + r % width;
+        const float* src = dense.data() + (g * mg + r) * K;
+        for (int64_t j = 0; j < K; ++j) d[j * width] = src[j];
+      }
+    buf = std::move(b);
+    if (groups == 1 && !stored_vp) {
+      panels.release();
+      stored_vp = vp;
+    }
   }
   return buf->data();
 }

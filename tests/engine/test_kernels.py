@@ -228,6 +228,14 @@ CONV_CASES = [  # (N, C, H, W, M, kernel, strides, pads, dilations, group)
     (2, 40, 7, 7, 24, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1),
     # long K on a 7x7 plane: the sparse kernel splits K over threads and adds the parts up
     (1, 160, 7, 7, 24, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1),
+    # dense rowwise (no X packed): 7 panels as row blocks of 4 + 3 (the last one's vector half
+    # empty), a 13-panel 5x5 strided layer, groups of 32 rows, runs of 8 along 40-wide rows,
+    # one-pixel rows
+    (2, 9, 13, 19, 56, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1),
+    (1, 5, 11, 23, 100, (5, 5), (2, 2), (2, 1, 2, 1), (1, 1), 1),
+    (1, 32, 10, 10, 64, (3, 3), (1, 1), (2, 2, 2, 2), (2, 2), 2),
+    (1, 16, 6, 40, 48, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1),
+    (1, 8, 5, 1, 16, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1),
 ]
 
 
@@ -250,6 +258,28 @@ def test_conv2d(isa, kind, case):
     for r in (None, res):  # GELU in the direct / phased / im2col epilogues and after a residual
         close(kernels.conv2d(pw, x, ks, st, pads, dil, g, bias, "gelu", r),
               reference.conv2d(wt, x, ks, st, pads, dil, g, bias, "gelu", r), scale=scale)
+
+
+def test_dense_conv_weight_keeps_its_values_across_layouts():
+    # A dense weight run rowwise by a conv is stored as row vectors from then on (AVX-512 frees
+    # its panels); reading it back, running it as a GEMM, or on another ISA rebuilds what each
+    # needs from it
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((40, 6 * 9)).astype(np.float32)
+    x = rng.standard_normal((1, 6, 9, 9)).astype(np.float32)
+    pw = kernels.PackedWeight.pack(w, "dense")
+    want = reference.conv2d(w, x, (3, 3), (1, 1), (1,) * 4)
+    before = _core.isa()
+    try:
+        for name in ISAS + ISAS[::-1]:
+            _core.set_isa(name)
+            close(kernels.conv2d(pw, x, (3, 3), (1, 1), (1,) * 4), want)
+            np.testing.assert_array_equal(pw.to_dense(), w)
+            xm = rng.standard_normal((6 * 9, 13)).astype(np.float32)
+            close(kernels.gemm(pw, xm), w @ xm)
+            close(kernels.conv2d(pw, x, (3, 3), (1, 1), (1,) * 4, group=1), want)
+    finally:
+        _core.set_isa(before)
 
 
 @pytest.mark.parametrize("threads", [1, 2])

@@ -54,8 +54,9 @@ struct ActArgs {
 };
 
 ActArgs act_args(int act, float lo, float hi) {
-  expect(act >= kActNone && act <= kActGelu,
-         "act code must be 0 (none), 1 (relu), 2 (clip) or 3 (gelu)");
+  expect(act >= kActNone && act <= kActLast,
+         "act code must be 0 (none), 1 (relu), 2 (clip), 3 (gelu), 4 (sigmoid), 5 (silu), "
+         "6 (hardsigmoid) or 7 (hardswish)");
   if (act == kActRelu) return {kActRelu, 0.f, INFINITY};
   return {act, lo, hi};
 }
@@ -284,6 +285,25 @@ NB_MODULE(_core, mod) {
     expect(numel(y) == planes, "global_avg_pool: out must be [N, C, 1, 1]");
     nb::gil_scoped_release nogil;
     run_global_avg_pool(x.data(), planes, size, y.data());
+  });
+
+  mod.def("activation", [](In x, int act, float lo, float hi, Out y) {
+    expect(numel(x) == numel(y), "activation: x and out must have one shape");
+    const ActArgs aa = act_args(act, lo, hi);
+    nb::gil_scoped_release nogil;
+    run_add_act(x.data(), nullptr, numel(x), aa.act, aa.lo, aa.hi, y.data());
+  });
+
+  mod.def("channel_affine", [](In x, In scale, In shift, int act, float lo, float hi, Out y) {
+    expect(x.ndim() >= 2, "channel_affine: x must be [N, C, ...]");
+    const int64_t n = (int64_t)x.shape(0), c = (int64_t)x.shape(1);
+    expect(numel(scale) == c && numel(shift) == c,
+           "channel_affine: scale and shift need one value per channel (" + std::to_string(c) + ")");
+    expect(numel(x) == numel(y), "channel_affine: x and out must have one shape");
+    const ActArgs aa = act_args(act, lo, hi);
+    const int64_t hw = (n > 0 && c > 0) ? numel(x) / (n * c) : 0;
+    nb::gil_scoped_release nogil;
+    run_channel_affine(x.data(), n, c, hw, scale.data(), shift.data(), aa.act, aa.lo, aa.hi, y.data());
   });
 
   mod.def("add_act", [](In a, In b, int act, float lo, float hi, Out y) {

@@ -220,7 +220,7 @@ thread_local FloatBuf t_phases;
 // max(lo, v) then min(hi, v), which keep a NaN v as act_scalar does).
 void compact_row(const float* __restrict src, const float* __restrict r, int64_t n, int act,
                  float lo, float hi, float* __restrict d) {
-  if (act == kActGelu) {
+  if (act != kActNone && act != kActRelu && act != kActClip) {
     for (int64_t i = 0; i < n; ++i) d[i] = act_scalar(src[i] + (r ? r[i] : 0.f), act, lo, hi);
   } else if (act != kActNone) {
     if (r) {

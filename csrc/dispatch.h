@@ -11,14 +11,29 @@
 namespace sparsify {
 
 // Activation codes shared with kernels.py / reference.parse_act. Gelu is the exact (erf) form
-// of ONNX Gelu / torch.nn.GELU(), not the tanh approximation.
-enum Act : int { kActNone = 0, kActRelu = 1, kActClip = 2, kActGelu = 3 };
+// of ONNX Gelu / torch.nn.GELU(), not the tanh approximation. Silu is x * sigmoid(x) (torch's
+// export writes it as Sigmoid and Mul); HardSigmoid is clip(lo * x + hi, 0, 1) with lo = alpha
+// and hi = beta, and HardSwish x times that (ONNX HardSwish: alpha 1/6, beta 1/2).
+enum Act : int {
+  kActNone = 0, kActRelu = 1, kActClip = 2, kActGelu = 3, kActSigmoid = 4, kActSilu = 5,
+  kActHardSigmoid = 6, kActHardSwish = 7, kActLast = kActHardSwish
+};
 
 // The activation on one float, for scalar epilogues (relu arrives as clip to [0, inf)).
 inline float act_scalar(float v, int act, float lo, float hi) {
-  if (act == kActGelu) return 0.5f * v * std::erfc(-v * 0.70710678118654752f);
-  if (act != kActNone) return v < lo ? lo : (v > hi ? hi : v);
-  return v;
+  switch (act) {
+    case kActNone: return v;
+    case kActGelu: return 0.5f * v * std::erfc(-v * 0.70710678118654752f);
+    case kActSigmoid: return 1.f / (1.f + std::exp(-v));
+    case kActSilu: return v / (1.f + std::exp(-v));
+    case kActHardSigmoid:
+    case kActHardSwish: {
+      const float t = lo * v + hi;
+      const float h = t > 0.f ? (t < 1.f ? t : 1.f) : (t != t ? t : 0.f);
+      return act == kActHardSwish ? v * h : h;
+    }
+    default: return v < lo ? lo : (v > hi ? hi : v);
+  }
 }
 
 // What happens to an output tile after the reduction: y = act(acc + bias[row] + res).
@@ -127,6 +142,14 @@ struct KernelTable {
   // floats.
   void (*max_pool3s2_row)(const float* const* rows, int nrows, int64_t w, int pl, int64_t ow,
                           float* vm, float* y);
+
+  // y = act(a + b) over n floats (act as in Epilogue; b may be null, y may be a or b).
+  void (*act_row)(const float* a, const float* b, int64_t n, int act, float lo, float hi,
+                  float* y);
+
+  // y = act(x * scale + shift) over n floats (y may be x).
+  void (*affine_row)(const float* x, int64_t n, float scale, float shift, int act, float lo,
+                     float hi, float* y);
 
   // Row-wise ops over the last axis of one row of n floats (y may be x).
   void (*softmax_row)(const float* x, int64_t n, float* y);

@@ -99,18 +99,38 @@ static inline void gelu_n(V* x) {
   }
 }
 
-static inline V gelu(V x) {
-  gelu_n<1>(&x);
-  return x;
+// 1 / (1 + e^-x) on N vectors. e^-x saturates at e^88.3 (vexp's clamp), where the quotient is
+// 4.5e-39; taking 5e-39 off (and flooring at 0) makes that exactly 0, as the unclamped
+// exponential would, so silu(-inf) = -inf * 0 = NaN like the Sigmoid-and-Mul graph it replaces.
+template <int N>
+static inline void sigmoid_n(const V* x, V* s) {
+#pragma GCC unroll 8
+  for (int i = 0; i < N; ++i) {
+    const V e = vexp(Simd::sub(Simd::zero(), x[i]));
+    s[i] = Simd::div(Simd::set1(1.f), Simd::add(Simd::set1(1.f), e));
+    s[i] = Simd::max(Simd::zero(), Simd::sub(s[i], Simd::set1(5e-39f)));
+  }
 }
 
 // The activation on N vectors; lo/hi already hold (0, inf) for relu, and min/max take the value
 // second so NaN propagates.
 template <int N>
 static inline void activate_n(V* v, int act, V lo, V hi) {
+  if (act == kActNone) return;
   if (act == kActGelu) {
     gelu_n<N>(v);
-  } else if (act != kActNone) {
+  } else if (act == kActSigmoid || act == kActSilu) {
+    V s[N];
+    sigmoid_n<N>(v, s);
+#pragma GCC unroll 8
+    for (int i = 0; i < N; ++i) v[i] = act == kActSilu ? Simd::mul(v[i], s[i]) : s[i];
+  } else if (act == kActHardSigmoid || act == kActHardSwish) {
+#pragma GCC unroll 8
+    for (int i = 0; i < N; ++i) {
+      const V h = Simd::min(Simd::set1(1.f), Simd::max(Simd::zero(), Simd::fma(lo, v[i], hi)));
+      v[i] = act == kActHardSwish ? Simd::mul(v[i], h) : h;
+    }
+  } else {
 #pragma GCC unroll 8
     for (int i = 0; i < N; ++i) v[i] = Simd::min(hi, Simd::max(lo, v[i]));
   }
@@ -505,7 +525,7 @@ static inline void tile_t_panel(P8* t, int r0, int rows, int cols, float* y, int
                                 const Epilogue& ep) {
   const bool first = mode & kTileFirst, last = mode & kTileLast;
   const P8 lo = p8_set1(ep.lo), hi = p8_set1(ep.hi);
-  const bool clamp = last && ep.act != kActNone && ep.act != kActGelu;
+  const bool clamp = last && (ep.act == kActRelu || ep.act == kActClip);
   const int nr = rows - r0 < kGemmMR ? rows - r0 : kGemmMR;
   const P8 b = !(last && ep.bias) || nr <= 0 ? p8_zero()
                : nr == kGemmMR             ? p8_load(ep.bias + r0)
@@ -522,10 +542,11 @@ static inline void tile_t_panel(P8* t, int r0, int rows, int cols, float* y, int
     if (from) v = p8_add(v, cols == 8 ? p8_load(from) : p8_loadn(from, cols));
     if (clamp) v = p8_clamp(v, lo, hi);
     if (cols == 8) p8_store(yr, v); else p8_storen(yr, v, cols);
-    if (last && ep.act == kActGelu)  // the vector form: it keeps gelu(-inf) = 0, not NaN
+    // the other activations in their vector form (which keeps gelu(-inf) = 0, not NaN)
+    if (last && !clamp && ep.act != kActNone)
       for (int c = 0; c < cols; c += W) {
         const int n = cols - c < W ? cols - c : W;
-        Simd::storen(yr + c, gelu(Simd::loadn(yr + c, n)), n);
+        Simd::storen(yr + c, activate(Simd::loadn(yr + c, n), ep.act, Simd::set1(ep.lo), Simd::set1(ep.hi)), n);
       }
   }
 }
@@ -829,6 +850,51 @@ static inline float hsum(V v) {
 
 // max, then exp(x - max) into y with its sum, then one scaling pass; NaN anywhere in the row
 // reaches the sum and so every output, as in NumPy.
+// y = act(a + b) over n floats, b optional (null: act(a)); y may be a or b.
+static void act_row(const float* a, const float* b, int64_t n, int act, float lo, float hi,
+                    float* y) {
+  const V vlo = Simd::set1(lo), vhi = Simd::set1(hi);
+  int64_t i = 0;
+  for (; i + 4 * W <= n; i += 4 * W) {
+    V v[4];
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      v[j] = Simd::load(a + i + j * W);
+      if (b) v[j] = Simd::add(v[j], Simd::load(b + i + j * W));
+    }
+    activate_n<4>(v, act, vlo, vhi);
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) Simd::store(y + i + j * W, v[j]);
+  }
+  for (; i < n; i += W) {
+    const int m = n - i < W ? (int)(n - i) : W;
+    V v = Simd::loadn(a + i, m);
+    if (b) v = Simd::add(v, Simd::loadn(b + i, m));
+    Simd::storen(y + i, activate(v, act, vlo, vhi), m);
+  }
+}
+
+// y = act(x * scale + shift) over n floats (one channel of an inference BatchNormalization);
+// y may be x.
+static void affine_row(const float* x, int64_t n, float scale, float shift, int act, float lo,
+                       float hi, float* y) {
+  const V vlo = Simd::set1(lo), vhi = Simd::set1(hi), vs = Simd::set1(scale), vb = Simd::set1(shift);
+  int64_t i = 0;
+  for (; i + 4 * W <= n; i += 4 * W) {
+    V v[4];
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) v[j] = Simd::fma(Simd::load(x + i + j * W), vs, vb);
+    activate_n<4>(v, act, vlo, vhi);
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) Simd::store(y + i + j * W, v[j]);
+  }
+  for (; i < n; i += W) {
+    const int m = n - i < W ? (int)(n - i) : W;
+    const V v = Simd::fma(Simd::loadn(x + i, m), vs, vb);
+    Simd::storen(y + i, activate(v, act, vlo, vhi), m);
+  }
+}
+
 static void softmax_row(const float* x, int64_t n, float* y) {
   if (n <= 0) return;
   float mx = x[0];
@@ -895,5 +961,5 @@ static void layer_norm_row(const float* x, int64_t n, const float* scale, const 
 static const KernelTable kTable = {
     SPARSIFY_ISA_NAME, W, kGemmNV * W, kSpmmNV * W, &spmm, &gemm_pack_x, &gemm_tile, &gemv,
     kGemmTP * kGemmMR, kGemmTC, &gemm_pack_xt, &gemm_tile_t, kRvPanels, &conv_tile_t,
-    &dw_channels, &window_plane, &max_pool3s2_row, &softmax_row, &layer_norm_row,
+    &dw_channels, &window_plane, &max_pool3s2_row, &act_row, &affine_row, &softmax_row, &layer_norm_row,
 };

@@ -80,14 +80,24 @@ void run_global_avg_pool(const float* x, int64_t planes, int64_t size, float* y)
 
 void run_add_act(const float* a, const float* b, int64_t n, int act, float lo, float hi,
                  float* y) {
+  const KernelTable& kt = kernels();
   constexpr int64_t kChunk = 16 * 1024;
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   parallel_range(chunks, n < 8 * kSerialWork, [&](int64_t c) {
-    for (int64_t i = c * kChunk; i < std::min(n, (c + 1) * kChunk); ++i) {
-      float v = a[i] + b[i];
-      v = act_scalar(v, act, lo, hi);
-      y[i] = v;
-    }
+    const int64_t i = c * kChunk, len = std::min(n, i + kChunk) - i;
+    kt.act_row(a + i, b ? b + i : nullptr, len, act, lo, hi, y + i);
+  });
+}
+
+void run_channel_affine(const float* x, int64_t n, int64_t c, int64_t hw, const float* scale,
+                        const float* shift, int act, float lo, float hi, float* y) {
+  const KernelTable& kt = kernels();
+  // planes of at least 4K floats each, or runs of whole small planes
+  const int64_t per = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, hw));
+  const int64_t planes = n * c, chunks = (planes + per - 1) / per;
+  parallel_range(chunks, planes * hw < 8 * kSerialWork, [&](int64_t k) {
+    for (int64_t p = k * per; p < std::min(planes, (k + 1) * per); ++p)
+      kt.affine_row(x + p * hw, hw, scale[p % c], shift[p % c], act, lo, hi, y + p * hw);
   });
 }
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sparsify.engine import kernels, ops
+from sparsify.engine import kernels, ops, reference
 from sparsify.engine.ops_nn import conv_geometry, fake_quantize, layer_norm_y
 from sparsify.errors import EngineError
 
@@ -139,6 +139,8 @@ def fuse(nodes: list, consts: dict, shapes: dict, graph_outs: set, kind: str):
             fused = _fuse_qdq(i, n, nodes, consts, readers, graph_outs)
         elif n.op in ("Div", "Mul"):
             fused = _fuse_gelu(i, n, nodes, consts, sole_reader)
+        elif n.op == "BatchNormalization":
+            fused = _fuse_batchnorm(i, n, nodes, consts, sole_reader)
         if fused:
             for pos, src, used in fused:
                 absorbed.update(used)
@@ -155,6 +157,38 @@ def fuse(nodes: list, consts: dict, shapes: dict, graph_outs: set, kind: str):
     tf.feature_major_streams(steps, graph_outs)
     reuse_buffers(steps, shapes, graph_outs)
     return steps, layers
+
+
+# ---------------------------------------------------------------- BatchNormalization on its own
+def _fuse_batchnorm(i, n: Node, nodes, consts, sole_reader):
+    """An inference BatchNormalization that no conv absorbed (DenseNet's pre-activation, a BN
+    after a Concat or an Add), with the activation after it, as one native pass
+    ``act(x * s[c] + t[c])``: NumPy's took two passes and a temporary per op."""
+    vals = [_const(consts, x) for x in n.inputs[1:5]]
+    if any(v is None for v in vals) or n.attrs.get("training_mode", 0) or any(n.outputs[1:]):
+        return None
+    scale, beta, mean, var = (v.astype(np.float64).reshape(-1) for v in vals)
+    if not scale.size == beta.size == mean.size == var.size:
+        return None
+    s = scale / np.sqrt(var + n.attrs.get("epsilon", 1e-5))
+    s32, t32 = s.astype(np.float32), (beta - mean * s).astype(np.float32)
+    used, out, act = [i], n.outputs[0], "none"
+    j = sole_reader(out)
+    if j is not None and (a := _act_of(nodes[j], consts)) is not None:
+        used.append(j)
+        act, out = a, nodes[j].outputs[0]
+
+    def run(x):
+        if x.dtype == np.float32:
+            return kernels.channel_affine(x, s32, t32, act)
+        shape = (1, -1) + (1,) * (x.ndim - 2)  # other float types keep their dtype
+        y = x * s.astype(x.dtype).reshape(shape) + (beta - mean * s).astype(x.dtype).reshape(shape)
+        return reference.apply_act(y, act).astype(x.dtype)
+
+    op = "+".join(nodes[k].op for k in used)
+    src = StepSrc("+".join(nodes[k].name for k in used), op, [n.inputs[0]], [out], run,
+                  native=True, sources=[nodes[k].name for k in used])
+    return [(used[-1], src, used)]
 
 
 # ---------------------------------------------------------------- GELU written out (torch export)
@@ -308,6 +342,12 @@ def _act_of(n: Node, consts: dict):
         return "relu"
     if n.op == "Gelu" and n.attrs.get("approximate", "none") == "none":
         return "gelu"
+    if n.op == "Sigmoid":
+        return "sigmoid"
+    if n.op == "HardSigmoid":
+        return ("hardsigmoid", float(n.attrs.get("alpha", 0.2)), float(n.attrs.get("beta", 0.5)))
+    if n.op == "HardSwish":
+        return ("hardswish", 1.0 / 6.0, 0.5)
     if n.op == "Clip":
         lo, hi = n.attrs.get("min", -np.inf), n.attrs.get("max", np.inf)
         for k, x in enumerate(n.inputs[1:3]):
@@ -330,6 +370,29 @@ def _fold_bn(w, b, bn: Node, consts):
     b0 = np.zeros(w.shape[0]) if b is None else b.astype(np.float64)
     w = (w.astype(np.float64) * s.reshape(-1, 1, 1, 1)).astype(np.float32)
     return w, ((b0 - mean) * s + beta).astype(np.float32)
+
+
+def _swish_after(out, nodes, sole_reader, all_readers):
+    """``out * Sigmoid(out)`` (SiLU, as torch exports it) or ``out * HardSigmoid(out)``
+    (HardSwish) when nothing else reads ``out``: (indices, act, output) or None."""
+    r = all_readers(out)
+    if not r or len(r) != 2:
+        return None
+    for j in r:
+        gate = nodes[j]
+        if gate.op not in ("Sigmoid", "HardSigmoid") or gate.inputs[0] != out:
+            continue
+        k = sole_reader(gate.outputs[0])
+        if k is None or sorted(r) != sorted((j, k)):
+            continue
+        mul = nodes[k]
+        if mul.op != "Mul" or sorted(mul.inputs) != sorted((out, gate.outputs[0])):
+            continue
+        if gate.op == "Sigmoid":
+            return (j, k), "silu", mul.outputs[0]
+        alpha, beta = float(gate.attrs.get("alpha", 0.2)), float(gate.attrs.get("beta", 0.5))
+        return (j, k), ("hardswish", alpha, beta), mul.outputs[0]
+    return None
 
 
 def _gelu_after(out, nodes, consts, sole_reader, all_readers):
@@ -400,6 +463,12 @@ def _fuse_compute(i, n, nodes, consts, shapes, sole_reader, all_readers, kind, l
             act = "gelu"
             used.extend(gelu[0]), sources.extend(nodes[k].name for k in gelu[0])
             out = gelu[1]
+    if act == "none":
+        swish = _swish_after(out, nodes, sole_reader, all_readers)
+        if swish is not None:
+            act = swish[1]
+            used.extend(swish[0]), sources.extend(nodes[k].name for k in swish[0])
+            out = swish[2]
     bias = None if bias is None else np.ascontiguousarray(bias, np.float32)
     if conv:
         fn, packed_kind, pw = _conv_fn(n, w, bias, act, residual is not None, depthwise, kind)
@@ -474,13 +543,7 @@ def _linear_fn(pw, bias, act, has_residual, guarded):
 
 
 def _apply_act(y, act):
-    if act == "relu":
-        return np.maximum(y, 0, out=y)
-    if act == "gelu":
-        return ops.OPS["Gelu"](y)
-    if act != "none":
-        return np.clip(y, act[1], act[2], out=y)
-    return y
+    return y if act == "none" else kernels.activation(y, act, out=y)
 
 
 # ---------------------------------------------------------------- QDQ activations

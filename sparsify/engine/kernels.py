@@ -153,7 +153,7 @@ def _out(out, shape, what: str) -> np.ndarray:
 
 
 _ACT_CODES = {"none": (0, 0.0, 0.0), None: (0, 0.0, 0.0), "relu": (1, 0.0, float("inf")),
-              "gelu": (3, 0.0, 0.0)}
+              "gelu": (3, 0.0, 0.0), "sigmoid": (4, 0.0, 0.0), "silu": (5, 0.0, 0.0)}
 
 
 def _act(act):
@@ -373,6 +373,30 @@ def add_act(a, b, act="none", out=None):
     code, lo, hi = _act(act)
     y = _out(out, a.shape, "add_act")
     _core.add_act(a, b, code, lo, hi, y)
+    return y
+
+
+def activation(x, act, out=None):
+    """Elementwise ``act(x)`` (any activation the epilogues take, see reference.parse_act);
+    ``out`` may be ``x``."""
+    x = _f32(x, "activation input")
+    code, lo, hi = _act(act)
+    y = _out(out, x.shape, "activation")
+    _core.activation(x, code, lo, hi, y)
+    return y
+
+
+def channel_affine(x, scale, shift, act="none", out=None):
+    """``act(x * scale[c] + shift[c])`` along axis 1 of ``x`` [N, C, ...]: an inference
+    BatchNormalization with its activation; ``out`` may be ``x``."""
+    x = _f32(x, "channel_affine input")
+    if x.ndim < 2:
+        raise InputError(f"channel_affine input must be [N, C, ...], got shape {x.shape}")
+    c = x.shape[1]
+    scale, shift = _vec(scale, c, "channel_affine scale"), _vec(shift, c, "channel_affine shift")
+    code, lo, hi = _act(act)
+    y = _out(out, x.shape, "channel_affine")
+    _core.channel_affine(x, scale, shift, code, lo, hi, y)
     return y
 
 

@@ -141,10 +141,16 @@ def op_function(op_type: str, opset: int):
 NATIVE = {"Conv", "Gemm", "MatMul", "MaxPool", "AveragePool", "GlobalAveragePool"}
 
 
+# elementwise activations with a core kernel (float32 input of 256 elements or more; smaller ones
+# and other dtypes run in NumPy)
+NATIVE_ACTIVATIONS = {"Relu", "Sigmoid", "HardSigmoid", "HardSwish"}
+
+
 def runs_native(op_type: str, attrs: dict, opset: int) -> bool:
-    """Whether a node's function runs in the C++ core: the ops above, and Softmax /
-    LayerNormalization over the last axis (float32 input; other dtypes fall back to NumPy)."""
-    if op_type in NATIVE:
+    """Whether a node's function runs in the C++ core: the ops above, the activations in
+    NATIVE_ACTIVATIONS, and Softmax / LayerNormalization over the last axis (float32 input; other
+    dtypes fall back to NumPy)."""
+    if op_type in NATIVE or op_type in NATIVE_ACTIVATIONS:
         return True
     if op_type == "Softmax":
         return opset >= 13 and attrs.get("axis", -1) == -1

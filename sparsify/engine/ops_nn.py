@@ -190,7 +190,14 @@ def LRN(X, size, alpha=0.0001, beta=0.75, bias=1.0):
 
 
 # ---------------------------------------------------------------- activations
+def _native(X) -> bool:
+    """float32 tensors take the core's vectorized activations; other dtypes keep NumPy's."""
+    return isinstance(X, np.ndarray) and X.dtype == np.float32 and X.size >= 256
+
+
 def Relu(X):
+    if _native(X):
+        return kernels.activation(X, "relu")
     return np.maximum(X, 0)  # a Python 0 takes X's dtype
 
 
@@ -219,18 +226,24 @@ def ThresholdedRelu(X, alpha=1.0):
 
 
 def Sigmoid(X):
+    if _native(X):
+        return kernels.activation(X, "sigmoid")
     # exp of -|x| never overflows; the two branches are the same function
     e = np.exp(-np.abs(X))
     return np.where(X >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(X.dtype, copy=False)
 
 
 def HardSigmoid(X, alpha=0.2, beta=0.5):
+    if _native(X):
+        return kernels.activation(X, ("hardsigmoid", alpha, beta))
     y = X * np.asarray(alpha, X.dtype)
     y += np.asarray(beta, X.dtype)
     return np.clip(y, 0, 1, out=y)
 
 
 def HardSwish(X):
+    if _native(X):
+        return kernels.activation(X, "hardswish")
     return X * HardSigmoid(X, 1.0 / 6.0, 0.5)
 
 

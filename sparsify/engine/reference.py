@@ -16,19 +16,29 @@ _erf = np.frompyfunc(math.erf, 1, 1)
 
 
 def parse_act(act) -> tuple[int, float, float]:
-    """``"none"`` / ``"relu"`` / ``("clip", lo, hi)`` / ``"gelu"`` -> (code, lo, hi);
-    0 none, 1 relu, 2 clip, 3 gelu (exact erf form, as ONNX Gelu and torch.nn.GELU())."""
+    """An activation -> (code, lo, hi), the core's encoding:
+
+    ``"none"`` 0, ``"relu"`` 1, ``("clip", lo, hi)`` 2, ``"gelu"`` 3 (exact erf form, as ONNX
+    Gelu and torch.nn.GELU()), ``"sigmoid"`` 4, ``"silu"`` 5 (x * sigmoid(x)),
+    ``("hardsigmoid", alpha, beta)`` 6 (clip(alpha * x + beta, 0, 1)) and
+    ``("hardswish", alpha, beta)`` 7 (x times that; ONNX HardSwish is alpha 1/6, beta 1/2).
+    """
     if act is None or (isinstance(act, str) and act == "none"):
         return 0, -math.inf, math.inf
-    if isinstance(act, str) and act == "relu":
-        return 1, 0.0, math.inf
-    if isinstance(act, str) and act == "gelu":
-        return 3, -math.inf, math.inf
+    named = {"relu": (1, 0.0, math.inf), "gelu": (3, -math.inf, math.inf),
+             "sigmoid": (4, -math.inf, math.inf), "silu": (5, -math.inf, math.inf),
+             "hardswish": (7, 1.0 / 6.0, 0.5)}
+    if isinstance(act, str) and act in named:
+        return named[act]
     if isinstance(act, (tuple, list)) and len(act) == 3 and act[0] == "clip":
         lo = -math.inf if act[1] is None else float(act[1])
         hi = math.inf if act[2] is None else float(act[2])
         return 2, lo, hi
-    raise ValueError(f"act must be 'none', 'relu', 'gelu' or ('clip', lo, hi), got {act!r}")
+    if isinstance(act, (tuple, list)) and len(act) == 3 and act[0] in ("hardsigmoid", "hardswish"):
+        return (6 if act[0] == "hardsigmoid" else 7), float(act[1]), float(act[2])
+    raise ValueError(f"act must be 'none', 'relu', 'gelu', 'sigmoid', 'silu', 'hardswish', "
+                     f"('clip', lo, hi), ('hardsigmoid', alpha, beta) or "
+                     f"('hardswish', alpha, beta), got {act!r}")
 
 
 def apply_act(y: np.ndarray, act) -> np.ndarray:
@@ -39,6 +49,14 @@ def apply_act(y: np.ndarray, act) -> np.ndarray:
         return np.clip(y, lo, hi)
     if code == 3:
         return gelu(y)
+    if code in (4, 5):
+        y64 = np.asarray(y, np.float64)
+        with np.errstate(over="ignore"):
+            s = 1.0 / (1.0 + np.exp(-y64))
+        return (y64 * s if code == 5 else s).astype(np.asarray(y).dtype)
+    if code in (6, 7):
+        h = np.clip(lo * np.asarray(y, np.float64) + hi, 0.0, 1.0)
+        return (y * h if code == 7 else h).astype(np.asarray(y).dtype)
     return y
 
 

@@ -19,7 +19,8 @@ from sparsify.engine import _core, kernels, reference
 from sparsify.errors import InputError
 
 ISAS = [name for name in ("avx512", "avx2", "portable") if _core.isa_supported(name)]
-ACTS = ["none", "relu", ("clip", -0.5, 0.75), "gelu"]
+ACTS = ["none", "relu", ("clip", -0.5, 0.75), "gelu", "sigmoid", "silu", ("hardsigmoid", 0.2, 0.5),
+        "hardswish"]
 
 
 @pytest.fixture(params=ISAS)
@@ -255,9 +256,43 @@ def test_conv2d(isa, kind, case):
     res = rng.standard_normal(want.shape).astype(np.float32)
     close(kernels.conv2d(pw, x, ks, st, pads, dil, g, bias, ("clip", 0, 1), res),
           reference.conv2d(wt, x, ks, st, pads, dil, g, bias, ("clip", 0, 1), res), scale=scale)
-    for r in (None, res):  # GELU in the direct / phased / im2col epilogues and after a residual
-        close(kernels.conv2d(pw, x, ks, st, pads, dil, g, bias, "gelu", r),
-              reference.conv2d(wt, x, ks, st, pads, dil, g, bias, "gelu", r), scale=scale)
+    # GELU, sigmoid, SiLU and HardSwish in the direct / phased / rowwise / im2col epilogues and
+    # after a residual
+    for act in ("gelu", "sigmoid", "silu", ("hardswish", 1 / 6, 0.5)):
+        for r in (None, res):
+            close(kernels.conv2d(pw, x, ks, st, pads, dil, g, bias, act, r),
+                  reference.conv2d(wt, x, ks, st, pads, dil, g, bias, act, r), scale=scale)
+
+
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 64, 100, 4099, 70000])
+def test_activation_and_channel_affine(isa, n):
+    rng = np.random.default_rng(n)
+    x = (rng.standard_normal(n) * 8).astype(np.float32)
+    x[: min(n, 6)] = [np.nan, np.inf, -np.inf, 0.0, -100.0, 100.0][: min(n, 6)]
+    with np.errstate(invalid="ignore", over="ignore"):
+        for act in ACTS:
+            want = reference.apply_act(x, act)
+            got = kernels.activation(x, act)
+            if act == "gelu":  # the kernels keep gelu(-inf) = 0 (the limit); the twin has NaN
+                want = np.where(x == -np.inf, 0.0, want)
+            np.testing.assert_array_equal(np.isnan(got), np.isnan(want), err_msg=str(act))
+            fin = lambda a: np.nan_to_num(np.asarray(a, np.float64), posinf=1e30, neginf=-1e30)  # noqa: E731
+            close(fin(got), fin(want), tol=2e-6, scale=1.0)
+            y = x.copy()
+            assert kernels.activation(y, act, out=y) is y  # in place
+            np.testing.assert_array_equal(np.isnan(y), np.isnan(got))
+        # an inference BatchNormalization's per-channel affine, with each activation
+        for shape in [(1, 1), (2, 3), (2, 5, n), (1, 4, 3, max(1, n // 12))]:
+            xs = rng.standard_normal(shape).astype(np.float32)
+            s, t = rng.standard_normal(shape[1]).astype(np.float32), rng.standard_normal(shape[1]).astype(np.float32)
+            cs = (1, -1) + (1,) * (len(shape) - 2)
+            for act in ACTS:
+                want = reference.apply_act(xs * s.reshape(cs) + t.reshape(cs), act)
+                close(kernels.channel_affine(xs, s, t, act), want, tol=2e-6)
+    with pytest.raises(InputError, match="per channel|values, expected"):
+        kernels.channel_affine(np.ones((2, 3, 4), np.float32), np.ones(2, np.float32), np.ones(3, np.float32))
+    with pytest.raises(InputError, match="act must be"):
+        kernels.activation(x, "swish")
 
 
 def test_dense_conv_weight_keeps_its_values_across_layouts():

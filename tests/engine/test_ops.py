@@ -301,6 +301,64 @@ def test_intermediate_read_twice_is_not_fused(onnx_check):
     assert [s.op for s in engine.plan.steps] == ["Conv", "Relu", "Add"]
 
 
+def test_silu_hardswish_and_sigmoid_fuse_into_conv_epilogues(onnx_check):
+    # torch exports SiLU as Sigmoid and Mul, and HardSwish as HardSwish (or HardSigmoid and Mul)
+    bn = {"s": pos(8), "b": f(8), "m": f(8), "v": pos(8)}
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c1", "s", "b", "m", "v"], ["n1"]),
+             helper.make_node("Sigmoid", ["n1"], ["g1"]),
+             helper.make_node("Mul", ["g1", "n1"], ["a1"]),  # either operand order
+             helper.make_node("Conv", ["a1", "wd"], ["c2"], group=8, pads=[1, 1, 1, 1]),
+             helper.make_node("Sigmoid", ["c2"], ["g2"]),
+             helper.make_node("Mul", ["c2", "g2"], ["a2"]),
+             helper.make_node("Conv", ["a2", "w3", "b3"], ["c3"]),
+             helper.make_node("HardSigmoid", ["c3"], ["g3"], alpha=0.25, beta=0.4),
+             helper.make_node("Mul", ["c3", "g3"], ["a3"]),
+             helper.make_node("Conv", ["a3", "w4"], ["c4"]),
+             helper.make_node("HardSwish", ["c4"], ["a4"]),
+             helper.make_node("Conv", ["a4", "w5"], ["c5"]),
+             helper.make_node("Sigmoid", ["c5"], ["y"])]
+    inits = dict(w1=f(8, 3, 3, 3), wd=f(8, 1, 3, 3), w3=sparse(8, 8, 1, 1), b3=f(8), w4=f(8, 8, 1, 1),
+                 w5=f(4, 8, 1, 1), **bn)
+    model = _graph(nodes, [_vi("x", [2, 3, 9, 9])], ["y"], inits)
+    engine = Engine(model)
+    x = f(2, 3, 9, 9)
+    x[0, 0, 0, :3] = [np.inf, -np.inf, np.nan]
+    onnx_check.assert_same(engine.run({"x": x}), onnx_check.ort_run(model, {"x": x}), 1e-5)
+    assert [s.op for s in engine.plan.steps] == [
+        "Conv+BatchNormalization+Sigmoid+Mul", "Conv+Sigmoid+Mul", "Conv+HardSigmoid+Mul",
+        "Conv+HardSwish", "Conv+Sigmoid"]
+
+
+def test_silu_is_not_fused_when_its_input_has_another_reader(onnx_check):
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"]),
+             helper.make_node("Sigmoid", ["c"], ["g"]),
+             helper.make_node("Mul", ["c", "g"], ["m"]),
+             helper.make_node("Add", ["m", "c"], ["y"])]
+    model = _graph(nodes, [_vi("x", [1, 3, 5, 5])], ["y"], {"w": f(4, 3, 1, 1)})
+    engine = Engine(model)
+    x = f(1, 3, 5, 5)
+    onnx_check.assert_same(engine.run({"x": x}), onnx_check.ort_run(model, {"x": x}), 1e-5)
+    assert [s.op for s in engine.plan.steps] == ["Conv", "Sigmoid", "Mul", "Add"]
+
+
+def test_batchnorm_on_its_own_runs_with_its_activation_as_one_native_step(onnx_check):
+    # DenseNet's pre-activation: BatchNormalization and Relu on a Concat, which no conv absorbs
+    bn = {"s": pos(6), "b": f(6), "m": f(6), "v": pos(6)}
+    nodes = [helper.make_node("Concat", ["x", "z"], ["cat"], axis=1),
+             helper.make_node("BatchNormalization", ["cat", "s", "b", "m", "v"], ["n"], epsilon=1e-3),
+             helper.make_node("Relu", ["n"], ["r"]),
+             helper.make_node("Conv", ["r", "w"], ["y"]),
+             helper.make_node("BatchNormalization", ["z", "s3", "b3", "m3", "v3"], ["y2"])]
+    inits = dict(w=f(5, 6, 1, 1), s3=pos(3), b3=f(3), m3=f(3), v3=pos(3), **bn)
+    model = _graph(nodes, [_vi("x", [2, 3, 4, 4]), _vi("z", [2, 3, 4, 4])], ["y", "y2"], inits)
+    engine = Engine(model)
+    feeds = {"x": f(2, 3, 4, 4), "z": f(2, 3, 4, 4)}
+    onnx_check.assert_same(engine.run(feeds), onnx_check.ort_run(model, feeds), 1e-5)
+    assert [s.op for s in engine.plan.steps] == ["Concat", "BatchNormalization+Relu", "Conv",
+                                                 "BatchNormalization"]
+
+
 def test_qdq_activation_pair_runs_as_fake_quant_and_weights_dequantize_at_load(onnx_check):
     wq = R.integers(-127, 127, (6, 4, 3, 3)).astype(np.int8)
     ws = (R.random(6) * 0.01 + 0.001).astype(np.float32)

@@ -850,8 +850,6 @@ static inline float hsum(V v) {
   return s;
 }
 
-// max, then exp(x - max) into y with its sum, then one scaling pass; NaN anywhere in the row
-// reaches the sum and so every output, as in NumPy.
 // y = act(a + b) over n floats, b optional (null: act(a)); y may be a or b.
 static void act_row(const float* a, const float* b, int64_t n, int act, float lo, float hi,
                     float* y) {
@@ -897,6 +895,8 @@ static void affine_row(const float* x, int64_t n, float scale, float shift, int 
   }
 }
 
+// max, then exp(x - max) into y with its sum, then one scaling pass; NaN anywhere in the row
+// reaches the sum and so every output, as in NumPy.
 static void softmax_row(const float* x, int64_t n, float* y) {
   if (n <= 0) return;
   float mx = x[0];

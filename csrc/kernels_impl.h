@@ -112,11 +112,11 @@ static inline void sigmoid_n(const V* x, V* s) {
   }
 }
 
-// The activation on N vectors; lo/hi already hold (0, inf) for relu, and min/max take the value
-// second so NaN propagates.
+// The activations that take more than a clamp, out of line: inlined, they made GCC stop
+// inlining activate_n into the kernels, whose relu epilogues then paid a call and spilled
+// their accumulators.
 template <int N>
-static inline void activate_n(V* v, int act, V lo, V hi) {
-  if (act == kActNone) return;
+__attribute__((noinline)) static void activate_other(V* v, int act, V lo, V hi) {
   if (act == kActGelu) {
     gelu_n<N>(v);
   } else if (act == kActSigmoid || act == kActSilu) {
@@ -130,10 +130,20 @@ static inline void activate_n(V* v, int act, V lo, V hi) {
       const V h = Simd::min(Simd::set1(1.f), Simd::max(Simd::zero(), Simd::fma(lo, v[i], hi)));
       v[i] = act == kActHardSwish ? Simd::mul(v[i], h) : h;
     }
-  } else {
+  }
+}
+
+// The activation on N vectors; lo/hi already hold (0, inf) for relu, and min/max take the value
+// second so NaN propagates.
+template <int N>
+__attribute__((always_inline)) static inline void activate_n(V* v, int act, V lo, V hi) {
+  if (act == kActNone) return;
+  if (act == kActRelu || act == kActClip) {
 #pragma GCC unroll 8
     for (int i = 0; i < N; ++i) v[i] = Simd::min(hi, Simd::max(lo, v[i]));
+    return;
   }
+  activate_other<N>(v, act, lo, hi);
 }
 
 static inline V activate(V v, int act, V lo, V hi) {

@@ -90,10 +90,18 @@ void window_planes(int op, const float* w, const float* x, const ConvShape& s, f
       ep.lo = lo;
       ep.hi = hi;
       float* out = y + pl * s.oh * s.ow;
-      kt.window_plane(op, ph, tap_off.data(), taps, 0, w ? w + c * taps : nullptr, 1, flat,
-                      wq == s.ow ? out : v, ep);
-      if (wq != s.ow)
-        for (int64_t oy = 0; oy < s.oh; ++oy) copy_run(v + oy * wq, 0, s.ow, out + oy * s.ow);
+      // Wide stride-1 rows write the output row by row; elsewhere one flat run over the plane
+      // (wasted columns included) fills more whole vectors and a copy drops the waste. 32
+      // channels at 112x112: 0.205 ms against 0.251; 56x56 4% faster; 28x28 17% and stride 2
+      // 0-7% slower row by row (1 thread, AVX-512).
+      if (wq != s.ow && s.sw == 1 && s.ow >= 56) {
+        kt.window_plane(op, ph, tap_off.data(), taps, wq, w ? w + c * taps : nullptr, s.oh, s.ow, out, ep);
+      } else {
+        kt.window_plane(op, ph, tap_off.data(), taps, 0, w ? w + c * taps : nullptr, 1, flat,
+                        wq == s.ow ? out : v, ep);
+        if (wq != s.ow)
+          for (int64_t oy = 0; oy < s.oh; ++oy) copy_run(v + oy * wq, 0, s.ow, out + oy * s.ow);
+      }
     }
   });
 }

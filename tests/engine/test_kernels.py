@@ -394,6 +394,7 @@ def test_depthwise_conv2d(isa, case):
 
 POOL_CASES = [  # (N, C, H, W, kernel, strides, pads, ceil_mode, count_include_pad)
     (1, 4, 112, 112, (3, 3), (2, 2), (1, 1, 1, 1), 0, 0),
+    (1, 2, 9, 60, (3, 3), (1, 1), (1, 1, 1, 1), 0, 1),  # stride 1, wide rows: written row by row
     (2, 3, 10, 11, (3, 2), (2, 2), (1, 0, 1, 1), 1, 1),
     (1, 3, 7, 7, (2, 2), (2, 2), (0, 0, 0, 0), 1, 0),
     (1, 2, 9, 9, (3, 3), (3, 3), (1, 1, 1, 1), 1, 1),

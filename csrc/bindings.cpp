@@ -294,16 +294,20 @@ NB_MODULE(_core, mod) {
     run_add_act(x.data(), nullptr, numel(x), aa.act, aa.lo, aa.hi, y.data());
   });
 
-  mod.def("channel_affine", [](In x, In scale, In shift, int act, float lo, float hi, Out y) {
+  mod.def("channel_affine", [](In x, In scale, OptIn shift, int act, float lo, float hi, Out y) {
     expect(x.ndim() >= 2, "channel_affine: x must be [N, C, ...]");
     const int64_t n = (int64_t)x.shape(0), c = (int64_t)x.shape(1);
-    expect(numel(scale) == c && numel(shift) == c,
-           "channel_affine: scale and shift need one value per channel (" + std::to_string(c) + ")");
+    const int64_t per = numel(scale);
+    expect(per == c || per == n * c,
+           "channel_affine: scale needs one value per channel (" + std::to_string(c) +
+               ") or per plane (" + std::to_string(n * c) + "), got " + std::to_string(per));
+    expect(!shift || numel(*shift) == per, "channel_affine: shift must have scale's size");
     expect(numel(x) == numel(y), "channel_affine: x and out must have one shape");
     const ActArgs aa = act_args(act, lo, hi);
     const int64_t hw = (n > 0 && c > 0) ? numel(x) / (n * c) : 0;
+    const float* sh = shift ? shift->data() : nullptr;
     nb::gil_scoped_release nogil;
-    run_channel_affine(x.data(), n, c, hw, scale.data(), shift.data(), aa.act, aa.lo, aa.hi, y.data());
+    run_channel_affine(x.data(), n, c, hw, scale.data(), sh, per, aa.act, aa.lo, aa.hi, y.data());
   });
 
   mod.def("add_act", [](In a, In b, int act, float lo, float hi, Out y) {

@@ -170,9 +170,11 @@ void run_max_pool(const float* x, const ConvShape& s, float* y);
 void run_avg_pool(const float* x, const ConvShape& s, bool count_include_pad, float* y);
 void run_global_avg_pool(const float* x, int64_t planes, int64_t size, float* y);
 void run_add_act(const float* a, const float* b, int64_t n, int act, float lo, float hi, float* y);
-// y[i][j][:] = act(x[i][j][:] * scale[j] + shift[j]) over [n][c][hw] (y may be x).
+// y[i][j][:] = act(x[i][j][:] * scale[k] + shift[k]) over [n][c][hw], k = (i * c + j) % per:
+// per = c gives one value per channel (BatchNormalization), n * c one per plane (a squeeze-and-
+// excitation gate). shift may be null (0); y may be x.
 void run_channel_affine(const float* x, int64_t n, int64_t c, int64_t hw, const float* scale,
-                        const float* shift, int act, float lo, float hi, float* y);
+                        const float* shift, int64_t per, int act, float lo, float hi, float* y);
 // Row-wise over the last axis: x and y are [rows, n] (y may be x).
 void run_softmax(const float* x, int64_t rows, int64_t n, float* y);
 void run_layer_norm(const float* x, int64_t rows, int64_t n, const float* scale,

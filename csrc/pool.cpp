@@ -90,14 +90,15 @@ void run_add_act(const float* a, const float* b, int64_t n, int act, float lo, f
 }
 
 void run_channel_affine(const float* x, int64_t n, int64_t c, int64_t hw, const float* scale,
-                        const float* shift, int act, float lo, float hi, float* y) {
+                        const float* shift, int64_t per, int act, float lo, float hi, float* y) {
   const KernelTable& kt = kernels();
   // planes of at least 4K floats each, or runs of whole small planes
-  const int64_t per = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, hw));
-  const int64_t planes = n * c, chunks = (planes + per - 1) / per;
+  const int64_t run = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, hw));
+  const int64_t planes = n * c, chunks = (planes + run - 1) / run;
   parallel_range(chunks, planes * hw < 8 * kSerialWork, [&](int64_t k) {
-    for (int64_t p = k * per; p < std::min(planes, (k + 1) * per); ++p)
-      kt.affine_row(x + p * hw, hw, scale[p % c], shift[p % c], act, lo, hi, y + p * hw);
+    for (int64_t p = k * run; p < std::min(planes, (k + 1) * run); ++p)
+      kt.affine_row(x + p * hw, hw, scale[p % per], shift ? shift[p % per] : 0.f, act, lo, hi,
+                    y + p * hw);
   });
 }
 

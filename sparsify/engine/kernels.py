@@ -386,14 +386,19 @@ def activation(x, act, out=None):
     return y
 
 
-def channel_affine(x, scale, shift, act="none", out=None):
-    """``act(x * scale[c] + shift[c])`` along axis 1 of ``x`` [N, C, ...]: an inference
-    BatchNormalization with its activation; ``out`` may be ``x``."""
+def channel_affine(x, scale, shift=None, act="none", out=None):
+    """``act(x * scale + shift)`` with one scale (and shift) per channel of ``x`` [N, C, ...]
+    (an inference BatchNormalization with its activation), or per plane, N * C values (a
+    squeeze-and-excitation gate, [N, C, 1, 1]); ``shift`` may be None; ``out`` may be ``x``."""
     x = _f32(x, "channel_affine input")
     if x.ndim < 2:
         raise InputError(f"channel_affine input must be [N, C, ...], got shape {x.shape}")
-    c = x.shape[1]
-    scale, shift = _vec(scale, c, "channel_affine scale"), _vec(shift, c, "channel_affine shift")
+    n, c = x.shape[0], x.shape[1]
+    scale = _f32(scale, "channel_affine scale")
+    if scale.size not in (c, n * c):
+        raise InputError(f"channel_affine scale has {scale.size} values, expected {c} (per "
+                         f"channel) or {n * c} (per plane)")
+    shift = _vec(shift, scale.size, "channel_affine shift")
     code, lo, hi = _act(act)
     y = _out(out, x.shape, "channel_affine")
     _core.channel_affine(x, scale, shift, code, lo, hi, y)

@@ -173,6 +173,17 @@ def _binary_into(ufunc, pos):
     return lambda bound: (lambda a, b: ufunc(a, b, out=a)) if pos == 0 else (lambda a, b: ufunc(a, b, out=b))
 
 
+def _mul_into(pos):
+    """In place into input pos; a squeeze-and-excitation gate runs in the core (t.mul_planes)."""
+    def make(bound):
+        def run(a, b):
+            into = a if pos == 0 else b
+            y = t.mul_planes(a, b, out=into)
+            return np.multiply(a, b, out=into) if y is None else y
+        return run
+    return make
+
+
 def _softmax_into(bound):
     if getattr(bound, "func", bound) is not nn.Softmax:  # the opset < 13 form flattens first
         return None
@@ -183,7 +194,7 @@ def _softmax_into(bound):
 # op -> {input position: make(bound function) -> a function writing into that input, or None}
 INPLACE = {
     "Add": {0: _binary_into(np.add, 0), 1: _binary_into(np.add, 1)},
-    "Mul": {0: _binary_into(np.multiply, 0), 1: _binary_into(np.multiply, 1)},
+    "Mul": {0: _mul_into(0), 1: _mul_into(1)},
     "Sub": {0: _binary_into(np.subtract, 0)},
     "Relu": {0: lambda bound: (lambda x: np.maximum(x, 0, out=x))},
     "Softmax": {0: _softmax_into},

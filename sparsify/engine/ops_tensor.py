@@ -13,6 +13,7 @@ import math
 import numpy as np
 from onnx import helper, numpy_helper
 
+from sparsify.engine import kernels
 from sparsify.errors import EngineError
 
 
@@ -31,7 +32,24 @@ def Sub(A, B):
 
 
 def Mul(A, B):
-    return np.multiply(A, B)
+    y = mul_planes(A, B)
+    return np.multiply(A, B) if y is None else y
+
+
+def mul_planes(A, B, out=None):
+    """A [N, C, H, W...] times a gate B [N, C, 1, 1...] (either order; a squeeze-and-excitation
+    block's output) in the core, one scale per plane; None when the operands are not that."""
+    if not (isinstance(A, np.ndarray) and isinstance(B, np.ndarray)
+            and A.dtype == np.float32 and B.dtype == np.float32):
+        return None
+    if A.size < B.size:
+        A, B = B, A
+    if out is not None and out is not A:
+        return None
+    if (A.ndim < 3 or B.ndim != A.ndim or B.shape[:2] != A.shape[:2] or any(d != 1 for d in B.shape[2:])
+            or A.size < 4096):
+        return None
+    return kernels.channel_affine(A, B, None, "none", out=out)
 
 
 def Div(A, B):

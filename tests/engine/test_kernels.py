@@ -289,8 +289,14 @@ def test_activation_and_channel_affine(isa, n):
             for act in ACTS:
                 want = reference.apply_act(xs * s.reshape(cs) + t.reshape(cs), act)
                 close(kernels.channel_affine(xs, s, t, act), want, tol=2e-6)
-    with pytest.raises(InputError, match="per channel|values, expected"):
-        kernels.channel_affine(np.ones((2, 3, 4), np.float32), np.ones(2, np.float32), np.ones(3, np.float32))
+        # one scale per plane: a squeeze-and-excitation gate [N, C, 1, 1]
+        xs = rng.standard_normal((2, 3, 5, 7)).astype(np.float32)
+        g = rng.standard_normal((2, 3, 1, 1)).astype(np.float32)
+        close(kernels.channel_affine(xs, g), xs * g, tol=2e-6)
+    with pytest.raises(InputError, match="per channel"):
+        kernels.channel_affine(np.ones((2, 3, 4), np.float32), np.ones(2, np.float32), np.ones(2, np.float32))
+    with pytest.raises(InputError, match="shift has"):
+        kernels.channel_affine(np.ones((2, 3, 4), np.float32), np.ones(3, np.float32), np.ones(6, np.float32))
     with pytest.raises(InputError, match="act must be"):
         kernels.activation(x, "swish")
 

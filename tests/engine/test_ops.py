@@ -359,6 +359,23 @@ def test_batchnorm_on_its_own_runs_with_its_activation_as_one_native_step(onnx_c
                                                  "BatchNormalization"]
 
 
+def test_squeeze_and_excitation_gate_multiplies_in_the_core(onnx_check):
+    # EfficientNet's SE block: pool, two 1x1 convs, a sigmoid gate [N, C, 1, 1] times the map
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"], pads=[1, 1, 1, 1]),
+             helper.make_node("GlobalAveragePool", ["c0"], ["p"]),
+             helper.make_node("Conv", ["p", "w1", "b1"], ["s1"]),
+             helper.make_node("Relu", ["s1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["s2"]),
+             helper.make_node("Sigmoid", ["s2"], ["g"]),
+             helper.make_node("Mul", ["g", "c0"], ["y"])]  # the gate first: either order
+    inits = dict(w0=f(16, 3, 3, 3), w1=f(4, 16, 1, 1), b1=f(4), w2=f(16, 4, 1, 1), b2=f(16))
+    model = _graph(nodes, [_vi("x", [2, 3, 20, 20])], ["y"], inits)
+    engine = Engine(model)
+    x = f(2, 3, 20, 20)
+    onnx_check.assert_same(engine.run({"x": x}), onnx_check.ort_run(model, {"x": x}), 1e-5)
+    assert [s.op for s in engine.plan.steps][-1] == "Mul"
+
+
 def test_qdq_activation_pair_runs_as_fake_quant_and_weights_dequantize_at_load(onnx_check):
     wq = R.integers(-127, 127, (6, 4, 3, 3)).astype(np.int8)
     ws = (R.random(6) * 0.01 + 0.001).astype(np.float32)

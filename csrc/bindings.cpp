@@ -252,6 +252,42 @@ NB_MODULE(_core, mod) {
     run_conv2d(w, plan, xp, s, b, r, a.act, a.lo, a.hi, y.data());
   });
 
+  mod.def("conv2d_maxpool", [](nb::handle wh, In x, int kh, int kw, int sh, int sw_, int pt,
+                               int pl, int pb, int pr, int dh, int dw_, int group, OptIn bias,
+                               int act, float lo, float hi, Out y) {
+    SparseWeight* sw; DenseWeight* dw; int64_t m, k;
+    weight_dims(wh, sw, dw, m, k);
+    expect(x.ndim() == 4 && y.ndim() == 4, "conv2d_maxpool: input and output must be NCHW");
+    expect(kh > 0 && kw > 0 && sh > 0 && sw_ > 0 && dh > 0 && dw_ > 0 && pt >= 0 && pl >= 0 &&
+               pb >= 0 && pr >= 0, "conv2d_maxpool: bad kernel, stride, dilation or pads");
+    const int64_t h = (int64_t)x.shape(2), w = (int64_t)x.shape(3);
+    const int64_t oh = (h + pt + pb - (int64_t)dh * (kh - 1) - 1) / sh + 1;
+    const int64_t ow = (w + pl + pr - (int64_t)dw_ * (kw - 1) - 1) / sw_ + 1;
+    expect(oh >= 1 && ow >= 1, "conv2d_maxpool: the conv's output is empty");
+    expect((int64_t)y.shape(0) == (int64_t)x.shape(0) && (int64_t)y.shape(1) == m &&
+               (int64_t)y.shape(2) == (oh - 1) / 2 + 1 && (int64_t)y.shape(3) == (ow - 1) / 2 + 1,
+           "conv2d_maxpool: out must have the pooled shape");
+    ConvShape s{(int64_t)x.shape(0), (int64_t)x.shape(1), h, w, m, oh, ow, kh, kw, sh, sw_, pt,
+                pl, pb, pr, dh, dw_, group};
+    expect(group >= 1 && s.c % group == 0 && m % group == 0 && k == (s.c / group) * kh * kw,
+           "conv2d_maxpool: weight [" + std::to_string(m) + ", " + std::to_string(k) +
+               "] does not fit " + std::to_string(s.c) + " input channels, group " +
+               std::to_string(group));
+    const ActArgs a = act_args(act, lo, hi);
+    const float* b = vec_or_null(bias, m, "conv bias");
+    std::vector<float> x_copy;
+    const float* xp = unaliased(x.data(), numel(x), y.data(), numel(y), false, x_copy);
+    const ConvPlan plan = plan_conv(s, sw != nullptr);
+    WeightRef wr = bind_weight(sw, dw, plan.koff, group);  // caches: needs the GIL
+    if (plan.mode == ConvPlan::kRowwise) {
+      const int64_t vp = kernels().conv_t_panels;
+      wr.dense_panels = dw->vector_panels(group, vp, &wr.panels_per_group);
+      wr.panel_rows = vp * kGemmMR;
+    }
+    nb::gil_scoped_release nogil;
+    run_conv2d_maxpool(wr, plan, xp, s, b, a.act, a.lo, a.hi, y.data());
+  });
+
   mod.def("depthwise_conv2d", [](In w, In x, int sh, int sw, int pt, int pl, int pb, int pr, int dh,
                                  int dw, OptIn bias, int act, float lo, float hi, Out y) {
     expect(w.ndim() == 4 && x.ndim() == 4 && w.shape(0) == x.shape(1) && w.shape(1) == 1,

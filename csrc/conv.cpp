@@ -267,7 +267,7 @@ thread_local FloatBuf t_virt;
 // X is packed and no column wasted. Units are row blocks (whole weight panels) x ranges of
 // output rows.
 void conv_rowwise(const float* wp, int64_t mg, int64_t kg, const float* ph, const ConvPlan& p,
-                  const ConvShape& s, const Epilogue& ep, float* y) {
+                  const ConvShape& s, const Epilogue& ep, float* y, float* pooled = nullptr) {
   const KernelTable& kt = kernels();
   const int64_t tc = kt.gemm_t_cols, tpan = kt.gemm_t_rows / kGemmMR, vp = kt.conv_t_panels;
   const int64_t panels = (mg + kGemmMR - 1) / kGemmMR, plane = s.oh * s.ow;
@@ -303,6 +303,44 @@ void conv_rowwise(const float* wp, int64_t mg, int64_t kg, const float* ph, cons
                        (int)cols, y + at, plane, kTileFirst | kTileLast, e);
       }
   };
+  if (pooled) {
+    // Fused 3x3 stride-2 max pool (pads 1): each unit computes the conv rows its pooled rows
+    // read (one row again at each chunk's top) into scratch and pools them from there, so the
+    // conv's output never goes to memory. Chunks of 8 pooled rows: 17 conv rows for 16.
+    const int64_t poh = (s.oh - 1) / 2 + 1, pow_ = (s.ow - 1) / 2 + 1, pplane = poh * pow_;
+    const int64_t pch = (poh + 7) / 8;
+    auto punit = [&](int64_t u) {
+      const int64_t b = u % nb, pc = u / nb;
+      const int64_t r0 = bp[b] * kGemmMR, nr = std::min(mg, bp[b + 1] * kGemmMR) - r0;
+      const int64_t py0 = pc * 8, py1 = std::min(poh, py0 + 8);
+      const int64_t cy0 = std::max<int64_t>(0, 2 * py0 - 1), cy1 = std::min(s.oh, 2 * py1);
+      const int64_t crows = cy1 - cy0, cplane = crows * s.ow;
+      thread_local FloatBuf t_conv, t_vm;
+      float* cbuf = t_conv.get(nr * cplane + 16);
+      float* vm = t_vm.get(2 * pow_ + 1 + 16);
+      const float* w = wp + r0 * kg;
+      Epilogue e = ep;
+      if (e.bias) e.bias += r0;
+      e.res = nullptr;
+      for (int64_t oy = cy0; oy < cy1; ++oy)
+        for (int64_t g = 0; g < segs; ++g) {
+          const int64_t c0 = s.ow * g / segs, cols = s.ow * (g + 1) / segs - c0;
+          kt.conv_tile_t(kg, kg * vp * kGemmMR, w, ph + oy * p.wq + c0, p.koff.data(), (int)nr,
+                         (int)cols, cbuf + (oy - cy0) * s.ow + c0, cplane, kTileFirst | kTileLast, e);
+        }
+      for (int64_t r = 0; r < nr; ++r)
+        for (int64_t py = py0; py < py1; ++py) {
+          const float* rows[3];
+          int n = 0;
+          for (int64_t iy = 2 * py - 1; iy <= 2 * py + 1; ++iy)
+            if (iy >= 0 && iy < s.oh) rows[n++] = cbuf + r * cplane + (iy - cy0) * s.ow;
+          kt.max_pool3s2_row(rows, n, s.ow, 1, pow_, vm, pooled + (r0 + r) * pplane + py * pow_);
+        }
+    };
+    if (nb * pch == 1) punit(0);
+    else parallel_for(nb * pch, punit);
+    return;
+  }
   if (ychunks * nb == 1) unit(0);
   else parallel_for(nb * ychunks, unit);
 }
@@ -360,6 +398,32 @@ void run_conv2d(const WeightRef& w, const ConvPlan& p, const float* x, const Con
   const int nt = num_threads();
   if (nt > 1 && s.n > 1 && (s.n % nt == 0 || s.n >= 4 * nt)) parallel_for(s.n, one_image);
   else for (int64_t img = 0; img < s.n; ++img) one_image(img);
+}
+
+void run_conv2d_maxpool(const WeightRef& w, const ConvPlan& p, const float* x, const ConvShape& s,
+                        const float* bias, int act, float lo, float hi, float* y) {
+  const int64_t cg = s.c / s.group, mg = s.m / s.group, kg = cg * s.kh * s.kw;
+  if (s.oh == 0 || s.ow == 0 || mg == 0) return;
+  ConvShape ps{s.n, s.m, s.oh, s.ow, s.m, (s.oh - 1) / 2 + 1, (s.ow - 1) / 2 + 1, 3, 3, 2, 2,
+               1, 1, 1, 1, 1, 1, 1};
+  if (p.mode != ConvPlan::kRowwise || s.group != 1) {  // the conv, then the pool
+    std::vector<float> conv((size_t)(s.n * s.m * s.oh * s.ow));
+    run_conv2d(w, p, x, s, bias, nullptr, act, lo, hi, conv.data());
+    run_max_pool(conv.data(), ps, y);
+    return;
+  }
+  for (int64_t img = 0; img < s.n; ++img) {
+    float* buf = p.buf ? t_cols.get(p.buf) : nullptr;
+    const float* xi = x + img * s.c * s.h * s.w;
+    if (buf) fill_conv_phases(xi, cg, s, p, buf);
+    Epilogue ep;
+    ep.bias = bias;
+    ep.act = act;
+    ep.lo = lo;
+    ep.hi = hi;
+    conv_rowwise(w.dense_panels, mg, kg, buf ? buf : xi, p, s, ep, nullptr,
+                 y + img * s.m * ps.oh * ps.ow);
+  }
 }
 
 void run_window_planes(int op, const float* w, const float* x, const ConvShape& s, float pad,

@@ -160,6 +160,11 @@ ConvPlan plan_conv(const ConvShape& s, bool sparse = false);
 
 void run_conv2d(const WeightRef& w, const ConvPlan& plan, const float* x, const ConvShape& s,
                 const float* bias, const float* res, int act, float lo, float hi, float* y);
+// The conv (no residual) and a 3x3 stride-2 max pool with pads 1 on its output, into y of the
+// pooled shape; a rowwise conv pools from scratch rows without writing its own output.
+void run_conv2d_maxpool(const WeightRef& w, const ConvPlan& plan, const float* x,
+                        const ConvShape& s, const float* bias, int act, float lo, float hi,
+                        float* y);
 // Windowed planes over padded phase planes: op 0 depthwise (w [C][kh*kw], bias per channel),
 // 1 max, 2 sum; `pad` fills the border (0, or -inf for max).
 void run_window_planes(int op, const float* w, const float* x, const ConvShape& s, float pad,

@@ -470,8 +470,16 @@ def _fuse_compute(i, n, nodes, consts, shapes, sole_reader, all_readers, kind, l
             used.extend(swish[0]), sources.extend(nodes[k].name for k in swish[0])
             out = swish[2]
     bias = None if bias is None else np.ascontiguousarray(bias, np.float32)
+    pool = None
+    if conv and not depthwise and residual is None:
+        j = sole_reader(out)
+        if j is not None and _is_stem_pool(nodes[j]):
+            pool = j
+            used.append(j), sources.append(nodes[j].name)
+            out = nodes[j].outputs[0]
     if conv:
-        fn, packed_kind, pw = _conv_fn(n, w, bias, act, residual is not None, depthwise, kind)
+        fn, packed_kind, pw = _conv_fn(n, w, bias, act, residual is not None, depthwise, kind,
+                                       pool is not None)
     else:
         pw = kernels.PackedWeight.pack(w, kind=kind)
         packed_kind = pw.kind
@@ -491,7 +499,17 @@ def _fuse_compute(i, n, nodes, consts, shapes, sole_reader, all_readers, kind, l
     return [(max(used), src, used)]
 
 
-def _conv_fn(n: Node, w, bias, act, has_residual, depthwise, kind):
+def _is_stem_pool(n: Node) -> bool:
+    """MaxPool 3x3, stride 2, pads 1 (ResNet's stem pool), the form conv2d_maxpool fuses."""
+    a = n.attrs
+    return (n.op == "MaxPool" and len([o for o in n.outputs if o]) == 1
+            and list(a.get("kernel_shape", [])) == [3, 3] and list(a.get("strides", [1, 1])) == [2, 2]
+            and list(a.get("pads", [0, 0, 0, 0])) == [1, 1, 1, 1]
+            and list(a.get("dilations", [1, 1])) == [1, 1] and not a.get("ceil_mode", 0)
+            and a.get("auto_pad", "NOTSET") == "NOTSET" and not a.get("storage_order", 0))
+
+
+def _conv_fn(n: Node, w, bias, act, has_residual, depthwise, kind, pool=False):
     a = n.attrs
     auto_pad = a.get("auto_pad", "NOTSET")
     kshape = tuple(a.get("kernel_shape") or w.shape[2:])
@@ -521,6 +539,10 @@ def _conv_fn(n: Node, w, bias, act, has_residual, depthwise, kind):
             k, s, p, d = geometry(x)
             return kernels.conv2d(pw, x, k, s, p, d, group, bias, act, r, out=r)
         run.into_residual = into
+    elif pool:
+        def run(x):
+            k, s, p, d = geometry(x)
+            return kernels.conv2d_maxpool(pw, x, k, s, p, d, group, bias, act)
     else:
         def run(x):
             k, s, p, d = geometry(x)

@@ -310,6 +310,20 @@ def conv2d(pw, x, kernel_shape, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1,
     return y
 
 
+def conv2d_maxpool(pw, x, kernel_shape, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1),
+                   group=1, bias=None, act="none", out=None):
+    """``conv2d`` followed by a 3x3 stride-2 MaxPool with pads 1 (ResNet's stem), in one call:
+    a dense conv that runs rowwise pools rows as it makes them, never writing its own output."""
+    _check_pw(pw)
+    x = _nchw(x, "conv input")
+    args, shape = _conv_geometry(pw, x.shape, kernel_shape, strides, pads, dilations, group)
+    pooled = (shape[0], shape[1], (shape[2] - 1) // 2 + 1, (shape[3] - 1) // 2 + 1)
+    code, lo, hi = _act(act)
+    y = _out(out, pooled, "conv2d_maxpool")
+    _core.conv2d_maxpool(pw._h, x, *args, _vec(bias, shape[1], "conv bias"), code, lo, hi, y)
+    return y
+
+
 def depthwise_conv2d(w, x, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), bias=None,
                      act="none", out=None):
     """Depthwise Conv (group == C, one filter per channel); w is [C, 1, kh, kw]."""

@@ -301,6 +301,29 @@ def test_activation_and_channel_affine(isa, n):
         kernels.activation(x, "swish")
 
 
+@pytest.mark.parametrize("kind", ["sparse", "dense"])
+@pytest.mark.parametrize("case", [  # (N, C, H, W, M, kernel, strides, pads)
+    (1, 3, 224, 224, 64, (7, 7), (2, 2), (3, 3, 3, 3)),  # ResNet's stem: 112 -> 56
+    (2, 3, 27, 35, 40, (7, 7), (2, 2), (3, 3, 3, 3)),  # odd conv outputs, a short row block
+    (1, 8, 9, 1, 16, (3, 3), (1, 1), (1, 1, 1, 1)),  # one column
+    (1, 4, 6, 6, 16, (3, 3), (1, 1), (1, 1, 1, 1)),
+])
+def test_conv2d_maxpool(isa, kind, case):
+    n, c, h, w, m, ks, st, pads = case
+    rng = np.random.default_rng(h * w + m)
+    wt = sparse_matrix(rng, m, c * ks[0] * ks[1], 0.5)
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    bias = rng.standard_normal(m).astype(np.float32)
+    pw = kernels.PackedWeight.pack(wt, kind)
+    for act in ("relu", "none", "silu"):
+        conv = reference.conv2d(wt, x, ks, st, pads, bias=bias, act=act)
+        want = reference.max_pool2d(conv, (3, 3), (2, 2), (1, 1, 1, 1))
+        close(kernels.conv2d_maxpool(pw, x, ks, st, pads, bias=bias, act=act), want,
+              scale=float(np.abs(conv).max()) + 1)
+    with pytest.raises(InputError, match="out must be"):
+        kernels.conv2d_maxpool(pw, x, ks, st, pads, out=np.empty((n, m, 1, 1), np.float32))
+
+
 def test_dense_conv_weight_keeps_its_values_across_layouts():
     # A dense weight run rowwise by a conv is stored as row vectors from then on (AVX-512 frees
     # its panels); reading it back, running it as a GEMM, or on another ISA rebuilds what each

@@ -290,6 +290,24 @@ def test_matmul_bias_residual_clip_fuse_and_gelu_stays_numpy(onnx_check):
     assert [s.op for s in engine.plan.steps] == ["MatMul+Add+Add+Clip", "Gelu"]
 
 
+@pytest.mark.parametrize("kind", ["dense", "sparse"])
+def test_stem_conv_and_max_pool_fuse_into_one_call(kind, onnx_check):
+    # ResNet's stem: Conv 7x7/2 -> BN -> Relu -> MaxPool 3x3/2 pads 1, with odd conv outputs
+    bn = {"s": pos(16), "b": f(16), "m": f(16), "v": pos(16)}
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[3, 3, 3, 3], strides=[2, 2]),
+             helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["n"]),
+             helper.make_node("Relu", ["n"], ["r"]),
+             helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[3, 3], strides=[2, 2],
+                              pads=[1, 1, 1, 1]),
+             helper.make_node("MaxPool", ["p"], ["y"], kernel_shape=[2, 2], strides=[2, 2])]
+    w = f(16, 3, 7, 7) if kind == "dense" else sparse(16, 3, 7, 7)
+    model = _graph(nodes, [_vi("x", [2, 3, 27, 35])], ["y", "p"], dict(w=w, **bn))
+    engine = Engine(model, kind=kind)
+    x = f(2, 3, 27, 35)
+    onnx_check.assert_same(engine.run({"x": x}), onnx_check.ort_run(model, {"x": x}), 1e-5)
+    assert [s.op for s in engine.plan.steps] == ["Conv+BatchNormalization+Relu+MaxPool", "MaxPool"]
+
+
 def test_intermediate_read_twice_is_not_fused(onnx_check):
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"]),
              helper.make_node("Relu", ["c"], ["r"]),

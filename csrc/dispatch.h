@@ -119,6 +119,10 @@ struct KernelTable {
   // Its weights come as row vectors of conv_t_panels panels, [vector][k][conv_t_panels *
   // kGemmMR] (DenseWeight::vector_panels), pstride floats apart.
   int conv_t_panels;
+  // Its widest tile: up to conv_t_rows rows when it has at most conv_t_wide_cols columns (else
+  // gemm_t_rows x gemm_t_cols).
+  int conv_t_rows;
+  int conv_t_wide_cols;
   void (*conv_tile_t)(int64_t kc, int64_t pstride, const float* wp, const float* x,
                       const int64_t* koff, int rows, int cols, float* y, int64_t ldy, int mode,
                       const Epilogue& ep);

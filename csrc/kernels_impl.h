@@ -592,6 +592,13 @@ static inline P8 rv_half(RV v, int) { return v; }
 static inline RV rv_load1(const float* p) { return p8_load(p); }
 #endif
 static_assert(kGemmTP % kRvPanels == 0, "narrow tiles take whole row vectors");
+// Row vectors of the widest conv tile (KernelTable::conv_t_rows), with up to 24 / kConvQ columns:
+// AVX-512's 32 registers hold 4 x 6 accumulators and the 4 row vectors.
+#if defined(SPARSIFY_SIMD_AVX512)
+constexpr int kConvQ = 4;
+#else
+constexpr int kConvQ = kGemmTP / kRvPanels;
+#endif
 
 // Rows [0, rows) of Q row vectors (Q * kRvPanels consecutive panels, panel p at wp + p * pstride;
 // with ODD the last vector's second panel is absent) times X over a K block of kc; adds into
@@ -668,9 +675,10 @@ static void gemm_t_cols(int64_t kc, int64_t pstride, const float* wp, const floa
     // whole panels only: rows past `rows` read the zero padding of the last panel, and panels
     // after it are left out by a smaller tile
     const int panels = (rows + kGemmMR - 1) / kGemmMR;
-    gemm_t_rows<C, kGemmTP / kRvPanels, DIRECT>((panels + kRvPanels - 1) / kRvPanels,
-                                                panels % kRvPanels != 0, kc, pstride, wp, xp,
-                                                koff, rows, cols, y, ldy, mode, ep);
+    // the conv tile goes up to kConvQ row vectors where its columns leave the registers for them
+    constexpr int QMAX = DIRECT && C * kConvQ <= 24 ? kConvQ : kGemmTP / kRvPanels;
+    gemm_t_rows<C, QMAX, DIRECT>((panels + kRvPanels - 1) / kRvPanels, panels % kRvPanels != 0,
+                                 kc, pstride, wp, xp, koff, rows, cols, y, ldy, mode, ep);
   }
 }
 
@@ -972,6 +980,6 @@ static void layer_norm_row(const float* x, int64_t n, const float* scale, const 
 
 static const KernelTable kTable = {
     SPARSIFY_ISA_NAME, W, kGemmNV * W, kSpmmNV * W, &spmm, &gemm_pack_x, &gemm_tile, &gemv,
-    kGemmTP * kGemmMR, kGemmTC, &gemm_pack_xt, &gemm_tile_t, kRvPanels, &conv_tile_t,
+    kGemmTP * kGemmMR, kGemmTC, &gemm_pack_xt, &gemm_tile_t, kRvPanels, kConvQ * kRvPanels * kGemmMR, 24 / kConvQ < kGemmTC ? 24 / kConvQ : kGemmTC, &conv_tile_t,
     &dw_channels, &window_plane, &max_pool3s2_row, &act_row, &affine_row, &softmax_row, &layer_norm_row,
 };

@@ -237,6 +237,10 @@ CONV_CASES = [  # (N, C, H, W, M, kernel, strides, pads, dilations, group)
     (1, 32, 10, 10, 64, (3, 3), (1, 1), (2, 2, 2, 2), (2, 2), 2),
     (1, 16, 6, 40, 48, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1),
     (1, 8, 5, 1, 16, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1),
+    # AVX-512's widest rowwise tile: 64-row blocks (4 row vectors) over runs of 6 pixels, and a
+    # 72-row weight (blocks of 8 and 1 panels, evened to 4 and 5)
+    (2, 6, 8, 12, 64, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1),
+    (1, 6, 7, 17, 72, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1),
 ]
 
 

@@ -127,6 +127,18 @@ const RowNorm* row_norm(const OptIn& scale, const OptIn& bias, float eps, int64_
   return &ln;
 }
 
+// A conv's weight for its plan: a rowwise dense conv reads row vectors
+// (DenseWeight::vector_panels). Caches layouts: call with the GIL held.
+WeightRef bind_conv(SparseWeight* sw, DenseWeight* dw, const ConvPlan& plan, int64_t group) {
+  WeightRef w = bind_weight(sw, dw, plan.koff, group);
+  if (plan.mode == ConvPlan::kRowwise) {
+    const int64_t vp = kernels().conv_t_panels;
+    w.dense_panels = dw->vector_panels(group, vp, &w.panels_per_group);
+    w.panel_rows = vp * kGemmMR;
+  }
+  return w;
+}
+
 }  // namespace
 
 NB_MODULE(_core, mod) {
@@ -242,12 +254,7 @@ NB_MODULE(_core, mod) {
     const float* r = unaliased(same_or_null(res, numel(y), "conv residual"), numel(y), y.data(),
                                numel(y), true, res_copy);
     const ConvPlan plan = plan_conv(s, sw != nullptr);
-    WeightRef w = bind_weight(sw, dw, plan.koff, group);  // caches: needs the GIL
-    if (plan.mode == ConvPlan::kRowwise) {
-      const int64_t vp = kernels().conv_t_panels;
-      w.dense_panels = dw->vector_panels(group, vp, &w.panels_per_group);
-      w.panel_rows = vp * kGemmMR;
-    }
+    const WeightRef w = bind_conv(sw, dw, plan, group);  // caches: needs the GIL
     nb::gil_scoped_release nogil;
     run_conv2d(w, plan, xp, s, b, r, a.act, a.lo, a.hi, y.data());
   });
@@ -278,12 +285,7 @@ NB_MODULE(_core, mod) {
     std::vector<float> x_copy;
     const float* xp = unaliased(x.data(), numel(x), y.data(), numel(y), false, x_copy);
     const ConvPlan plan = plan_conv(s, sw != nullptr);
-    WeightRef wr = bind_weight(sw, dw, plan.koff, group);  // caches: needs the GIL
-    if (plan.mode == ConvPlan::kRowwise) {
-      const int64_t vp = kernels().conv_t_panels;
-      wr.dense_panels = dw->vector_panels(group, vp, &wr.panels_per_group);
-      wr.panel_rows = vp * kGemmMR;
-    }
+    const WeightRef wr = bind_conv(sw, dw, plan, group);  // caches: needs the GIL
     nb::gil_scoped_release nogil;
     run_conv2d_maxpool(wr, plan, xp, s, b, a.act, a.lo, a.hi, y.data());
   });

@@ -2,8 +2,8 @@
 // shared by depthwise conv and pooling (pool.cpp).
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
+#include <numeric>
 
 #include "core.h"
 #include "parallel.h"
@@ -292,7 +292,7 @@ void conv_rowwise(const float* wp, int64_t mg, int64_t kg, const float* ph, cons
   const int64_t work = mg * kg * plane;
   const int64_t ychunks = nt == 1 || work < kSerialWork ? 1 : std::min<int64_t>(s.oh, (8 * nt + nb - 1) / nb);
   // Row block major keeps each thread on its weight rows; where a block's weights are small
-  // (the 7x7 stem's: 19 KB) output-row major instead keeps each thread on its part of the input
+  // (the 7x7 stem's: 37 KB) output-row major instead keeps each thread on its part of the input
   // (stem 6% faster at 2 threads, the 3x3 layers with 74-885 KB blocks 1-5% slower).
   const bool ymajor = tpan * kGemmMR * kg * (int64_t)sizeof(float) <= 64 * 1024;
   auto unit = [&](int64_t u) {
@@ -316,7 +316,7 @@ void conv_rowwise(const float* wp, int64_t mg, int64_t kg, const float* ph, cons
     // conv's output never goes to memory. Chunks of up to 8 pooled rows (17 conv rows for 16),
     // as many per thread (ResNet's 56 pooled rows: 8 chunks of 7 on 2 threads, not 4 + 3 of 8).
     const int64_t poh = (s.oh - 1) / 2 + 1, pow_ = (s.ow - 1) / 2 + 1, pplane = poh * pow_;
-    const int64_t per = nt == 1 ? 1 : nt / std::__gcd(nt, nb);  // chunks a multiple of this
+    const int64_t per = nt == 1 ? 1 : nt / std::gcd(nt, nb);  // chunks a multiple of this
     const int64_t pch = std::min(poh, (poh + 8 * per - 1) / (8 * per) * per);
     auto punit = [&](int64_t u) {
       const int64_t b = u % nb, pc = u / nb;

@@ -112,14 +112,12 @@ static inline void sigmoid_n(const V* x, V* s) {
   }
 }
 
-// The activations that take more than a clamp, out of line: inlined, they made GCC stop
+// Sigmoid, SiLU and the hard activations, out of line: inlined next to GELU, they made GCC stop
 // inlining activate_n into the kernels, whose relu epilogues then paid a call and spilled
 // their accumulators.
 template <int N>
 __attribute__((noinline)) static void activate_other(V* v, int act, V lo, V hi) {
-  if (act == kActGelu) {
-    gelu_n<N>(v);
-  } else if (act == kActSigmoid || act == kActSilu) {
+  if (act == kActSigmoid || act == kActSilu) {
     V s[N];
     sigmoid_n<N>(v, s);
 #pragma GCC unroll 8
@@ -143,6 +141,7 @@ __attribute__((always_inline)) static inline void activate_n(V* v, int act, V lo
     for (int i = 0; i < N; ++i) v[i] = Simd::min(hi, Simd::max(lo, v[i]));
     return;
   }
+  if (act == kActGelu) return gelu_n<N>(v);  // inline, as before: BERT's FFN epilogues
   activate_other<N>(v, act, lo, hi);
 }
 

@@ -295,20 +295,25 @@ void conv_rowwise(const float* wp, int64_t mg, int64_t kg, const float* ph, cons
   // (the 7x7 stem's: 37 KB) output-row major instead keeps each thread on its part of the input
   // (stem 6% faster at 2 threads, the 3x3 layers with 74-885 KB blocks 1-5% slower).
   const bool ymajor = tpan * kGemmMR * kg * (int64_t)sizeof(float) <= 64 * 1024;
-  auto unit = [&](int64_t u) {
-    const int64_t b = ymajor ? u % nb : u / ychunks, yc = ymajor ? u / nb : u % ychunks;
+  // Output rows [oy0, oy1) of row block b into dst (row oy0 of the block's first channel, a
+  // channel every ldy floats); the residual, if any, is laid out as y.
+  auto rows = [&](int64_t b, int64_t oy0, int64_t oy1, float* dst, int64_t ldy) {
     const int64_t r0 = bp[b] * kGemmMR, nr = std::min(mg, bp[b + 1] * kGemmMR) - r0;
     const float* w = wp + r0 * kg;  // r0 starts a row vector: blocks are whole vectors
     Epilogue e = ep;
     if (e.bias) e.bias += r0;
-    for (int64_t oy = s.oh * yc / ychunks; oy < s.oh * (yc + 1) / ychunks; ++oy)
+    for (int64_t oy = oy0; oy < oy1; ++oy)
       for (int64_t g = 0; g < segs; ++g) {
         const int64_t c0 = s.ow * g / segs, cols = s.ow * (g + 1) / segs - c0;
-        const int64_t at = r0 * plane + oy * s.ow + c0;
-        if (ep.res) e.res = ep.res + at;
+        if (ep.res) e.res = ep.res + r0 * plane + oy * s.ow + c0;
         kt.conv_tile_t(kg, kg * vp * kGemmMR, w, ph + oy * p.wq + c0, p.koff.data(), (int)nr,
-                       (int)cols, y + at, plane, kTileFirst | kTileLast, e);
+                       (int)cols, dst + (oy - oy0) * s.ow + c0, ldy, kTileFirst | kTileLast, e);
       }
+  };
+  auto unit = [&](int64_t u) {
+    const int64_t b = ymajor ? u % nb : u / ychunks, yc = ymajor ? u / nb : u % ychunks;
+    const int64_t oy0 = s.oh * yc / ychunks, oy1 = s.oh * (yc + 1) / ychunks;
+    rows(b, oy0, oy1, y + bp[b] * kGemmMR * plane + oy0 * s.ow, plane);
   };
   if (pooled) {
     // Fused 3x3 stride-2 max pool (pads 1): each unit computes the conv rows its pooled rows
@@ -327,23 +332,14 @@ void conv_rowwise(const float* wp, int64_t mg, int64_t kg, const float* ph, cons
       thread_local FloatBuf t_conv, t_vm;
       float* cbuf = t_conv.get(nr * cplane + 16);
       float* vm = t_vm.get(2 * pow_ + 1 + 16);
-      const float* w = wp + r0 * kg;
-      Epilogue e = ep;
-      if (e.bias) e.bias += r0;
-      e.res = nullptr;
-      for (int64_t oy = cy0; oy < cy1; ++oy)
-        for (int64_t g = 0; g < segs; ++g) {
-          const int64_t c0 = s.ow * g / segs, cols = s.ow * (g + 1) / segs - c0;
-          kt.conv_tile_t(kg, kg * vp * kGemmMR, w, ph + oy * p.wq + c0, p.koff.data(), (int)nr,
-                         (int)cols, cbuf + (oy - cy0) * s.ow + c0, cplane, kTileFirst | kTileLast, e);
-        }
+      rows(b, cy0, cy1, cbuf, cplane);
       for (int64_t r = 0; r < nr; ++r)
         for (int64_t py = py0; py < py1; ++py) {
-          const float* rows[3];
+          const float* in[3];
           int n = 0;
           for (int64_t iy = 2 * py - 1; iy <= 2 * py + 1; ++iy)
-            if (iy >= 0 && iy < s.oh) rows[n++] = cbuf + r * cplane + (iy - cy0) * s.ow;
-          kt.max_pool3s2_row(rows, n, s.ow, 1, pow_, vm, pooled + (r0 + r) * pplane + py * pow_);
+            if (iy >= 0 && iy < s.oh) in[n++] = cbuf + r * cplane + (iy - cy0) * s.ow;
+          kt.max_pool3s2_row(in, n, s.ow, 1, pow_, vm, pooled + (r0 + r) * pplane + py * pow_);
         }
     };
     if (nb * pch == 1) punit(0);
@@ -416,9 +412,10 @@ void run_conv2d_maxpool(const WeightRef& w, const ConvPlan& p, const float* x, c
   ConvShape ps{s.n, s.m, s.oh, s.ow, s.m, (s.oh - 1) / 2 + 1, (s.ow - 1) / 2 + 1, 3, 3, 2, 2,
                1, 1, 1, 1, 1, 1, 1};
   if (p.mode != ConvPlan::kRowwise || s.group != 1) {  // the conv, then the pool
-    std::vector<float> conv((size_t)(s.n * s.m * s.oh * s.ow));
-    run_conv2d(w, p, x, s, bias, nullptr, act, lo, hi, conv.data());
-    run_max_pool(conv.data(), ps, y);
+    thread_local FloatBuf t_unpooled;  // reused across calls, not zeroed
+    float* conv = t_unpooled.get(s.n * s.m * s.oh * s.ow);
+    run_conv2d(w, p, x, s, bias, nullptr, act, lo, hi, conv);
+    run_max_pool(conv, ps, y);
     return;
   }
   for (int64_t img = 0; img < s.n; ++img) {

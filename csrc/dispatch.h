@@ -147,13 +147,10 @@ struct KernelTable {
   void (*max_pool3s2_row)(const float* const* rows, int nrows, int64_t w, int pl, int64_t ow,
                           float* vm, float* y);
 
-  // y = act(a + b) over n floats (act as in Epilogue; b may be null, y may be a or b).
-  void (*act_row)(const float* a, const float* b, int64_t n, int act, float lo, float hi,
-                  float* y);
-
-  // y = act(x * scale + shift) over n floats (y may be x).
-  void (*affine_row)(const float* x, int64_t n, float scale, float shift, int act, float lo,
-                     float hi, float* y);
+  // y = act(a * scale + shift + b) over n floats (act as in Epilogue; b may be null, y may be a
+  // or b).
+  void (*act_row)(const float* a, const float* b, int64_t n, float scale, float shift, int act,
+                  float lo, float hi, float* y);
 
   // Row-wise ops over the last axis of one row of n floats (y may be x).
   void (*softmax_row)(const float* x, int64_t n, float* y);

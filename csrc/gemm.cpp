@@ -23,14 +23,17 @@ constexpr int64_t kSerialWork = 32 * 1024;
 
 thread_local FloatBuf t_pack, t_packt, t_tile, t_shared, t_partial;
 
-void pack_panels(const float* w, int64_t m, int64_t k, int64_t groups, float* dst) {
-  const int64_t mg = m / groups, per_group = ceil_div(mg, kGemmMR);
-  std::memset(dst, 0, sizeof(float) * groups * per_group * kGemmMR * k);
+// Rows in panels of `height` (kGemmMR, or a row vector's vp * kGemmMR) interleaved along K,
+// each group starting a panel: [panel][k][height], zero padded.
+void pack_panels(const float* w, int64_t m, int64_t k, int64_t groups, float* dst,
+                 int64_t height = kGemmMR) {
+  const int64_t mg = m / groups, per_group = ceil_div(mg, height);
+  std::memset(dst, 0, sizeof(float) * groups * per_group * height * k);
   for (int64_t g = 0; g < groups; ++g)
     for (int64_t r = 0; r < mg; ++r) {
-      float* p = dst + ((g * per_group + r / kGemmMR) * k) * kGemmMR + r % kGemmMR;
+      float* p = dst + ((g * per_group + r / height) * k) * height + r % height;
       const float* src = w + (g * mg + r) * k;
-      for (int64_t j = 0; j < k; ++j) p[j * kGemmMR] = src[j];
+      for (int64_t j = 0; j < k; ++j) p[j * height] = src[j];
     }
 }
 
@@ -378,16 +381,11 @@ DenseWeight::DenseWeight(const float* w, int64_t m, int64_t k) : M(m), K(k) {
 }
 
 void DenseWeight::to_dense(float* out) const {
-  if (stored_vp) {  // the panels gave way to row vectors
-    const int64_t width = stored_vp * kGemmMR;
-    const float* v = vectors.at({1, stored_vp})->data();
-    for (int64_t r = 0; r < M; ++r)
-      for (int64_t j = 0; j < K; ++j) out[r * K + j] = v[((r / width) * K + j) * width + r % width];
-    return;
-  }
-  const float* p = panels.data();
+  // from the panels, or the row vectors that replaced them
+  const int64_t h = stored_vp ? stored_vp * kGemmMR : kGemmMR;
+  const float* p = stored_vp ? vectors.at({1, stored_vp})->data() : panels.data();
   for (int64_t r = 0; r < M; ++r)
-    for (int64_t j = 0; j < K; ++j) out[r * K + j] = p[((r / kGemmMR) * K + j) * kGemmMR + r % kGemmMR];
+    for (int64_t j = 0; j < K; ++j) out[r * K + j] = p[((r / h) * K + j) * h + r % h];
 }
 
 const float* DenseWeight::panels_for(int64_t groups, int64_t* per_group) {
@@ -421,15 +419,8 @@ const float* DenseWeight::vector_panels(int64_t groups, int64_t vp, int64_t* per
     std::vector<float> dense(M * K);
     to_dense(dense.data());
     auto b = std::make_unique<FloatBuf>();
-    const int64_t n = groups * *per_group * width * K;
-    float* dst = b->get(std::max<int64_t>(1, n));
-    std::memset(dst, 0, sizeof(float) * n);
-    for (int64_t g = 0; g < groups; ++g)
-      for (int64_t r = 0; r < mg; ++r) {
-        float* d = dst + ((g * *per_group + r / width) * K) * width + r % width;
-        const float* src = dense.data() + (g * mg + r) * K;
-        for (int64_t j = 0; j < K; ++j) d[j * width] = src[j];
-      }
+    pack_panels(dense.data(), M, K, groups, b->get(std::max<int64_t>(1, groups * *per_group * width * K)),
+                width);
     buf = std::move(b);
     if (groups == 1 && !stored_vp) {
       panels.release();

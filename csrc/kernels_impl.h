@@ -867,16 +867,17 @@ static inline float hsum(V v) {
   return s;
 }
 
-// y = act(a + b) over n floats, b optional (null: act(a)); y may be a or b.
-static void act_row(const float* a, const float* b, int64_t n, int act, float lo, float hi,
-                    float* y) {
-  const V vlo = Simd::set1(lo), vhi = Simd::set1(hi);
+// y = act(a * scale + shift + b) over n floats, b optional; y may be a or b. (An activation on
+// its own, an add with one, an inference BatchNormalization channel, a gated plane.)
+static void act_row(const float* a, const float* b, int64_t n, float scale, float shift, int act,
+                    float lo, float hi, float* y) {
+  const V vlo = Simd::set1(lo), vhi = Simd::set1(hi), vs = Simd::set1(scale), vt = Simd::set1(shift);
   int64_t i = 0;
   for (; i + 4 * W <= n; i += 4 * W) {
     V v[4];
 #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) {
-      v[j] = Simd::load(a + i + j * W);
+      v[j] = Simd::fma(Simd::load(a + i + j * W), vs, vt);
       if (b) v[j] = Simd::add(v[j], Simd::load(b + i + j * W));
     }
     activate_n<4>(v, act, vlo, vhi);
@@ -885,29 +886,8 @@ static void act_row(const float* a, const float* b, int64_t n, int act, float lo
   }
   for (; i < n; i += W) {
     const int m = n - i < W ? (int)(n - i) : W;
-    V v = Simd::loadn(a + i, m);
+    V v = Simd::fma(Simd::loadn(a + i, m), vs, vt);
     if (b) v = Simd::add(v, Simd::loadn(b + i, m));
-    Simd::storen(y + i, activate(v, act, vlo, vhi), m);
-  }
-}
-
-// y = act(x * scale + shift) over n floats (one channel of an inference BatchNormalization);
-// y may be x.
-static void affine_row(const float* x, int64_t n, float scale, float shift, int act, float lo,
-                       float hi, float* y) {
-  const V vlo = Simd::set1(lo), vhi = Simd::set1(hi), vs = Simd::set1(scale), vb = Simd::set1(shift);
-  int64_t i = 0;
-  for (; i + 4 * W <= n; i += 4 * W) {
-    V v[4];
-#pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) v[j] = Simd::fma(Simd::load(x + i + j * W), vs, vb);
-    activate_n<4>(v, act, vlo, vhi);
-#pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) Simd::store(y + i + j * W, v[j]);
-  }
-  for (; i < n; i += W) {
-    const int m = n - i < W ? (int)(n - i) : W;
-    const V v = Simd::fma(Simd::loadn(x + i, m), vs, vb);
     Simd::storen(y + i, activate(v, act, vlo, vhi), m);
   }
 }
@@ -980,5 +960,5 @@ static void layer_norm_row(const float* x, int64_t n, const float* scale, const 
 static const KernelTable kTable = {
     SPARSIFY_ISA_NAME, W, kGemmNV * W, kSpmmNV * W, &spmm, &gemm_pack_x, &gemm_tile, &gemv,
     kGemmTP * kGemmMR, kGemmTC, &gemm_pack_xt, &gemm_tile_t, kRvPanels, kConvQ * kRvPanels * kGemmMR, 24 / kConvQ < kGemmTC ? 24 / kConvQ : kGemmTC, &conv_tile_t,
-    &dw_channels, &window_plane, &max_pool3s2_row, &act_row, &affine_row, &softmax_row, &layer_norm_row,
+    &dw_channels, &window_plane, &max_pool3s2_row, &act_row, &softmax_row, &layer_norm_row,
 };

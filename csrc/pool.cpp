@@ -85,7 +85,7 @@ void run_add_act(const float* a, const float* b, int64_t n, int act, float lo, f
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   parallel_range(chunks, n < 8 * kSerialWork, [&](int64_t c) {
     const int64_t i = c * kChunk, len = std::min(n, i + kChunk) - i;
-    kt.act_row(a + i, b ? b + i : nullptr, len, act, lo, hi, y + i);
+    kt.act_row(a + i, b ? b + i : nullptr, len, 1.f, 0.f, act, lo, hi, y + i);
   });
 }
 
@@ -97,8 +97,8 @@ void run_channel_affine(const float* x, int64_t n, int64_t c, int64_t hw, const 
   const int64_t planes = n * c, chunks = (planes + run - 1) / run;
   parallel_range(chunks, planes * hw < 8 * kSerialWork, [&](int64_t k) {
     for (int64_t p = k * run; p < std::min(planes, (k + 1) * run); ++p)
-      kt.affine_row(x + p * hw, hw, scale[p % per], shift ? shift[p % per] : 0.f, act, lo, hi,
-                    y + p * hw);
+      kt.act_row(x + p * hw, nullptr, hw, scale[p % per], shift ? shift[p % per] : 0.f, act, lo,
+                 hi, y + p * hw);
   });
 }
 

@@ -164,14 +164,11 @@ def _fuse_batchnorm(i, n: Node, nodes, consts, sole_reader):
     """An inference BatchNormalization that no conv absorbed (DenseNet's pre-activation, a BN
     after a Concat or an Add), with the activation after it, as one native pass
     ``act(x * s[c] + t[c])``: NumPy's took two passes and a temporary per op."""
-    vals = [_const(consts, x) for x in n.inputs[1:5]]
-    if any(v is None for v in vals) or n.attrs.get("training_mode", 0) or any(n.outputs[1:]):
+    st = _bn_affine(n, consts)
+    if st is None:
         return None
-    scale, beta, mean, var = (v.astype(np.float64).reshape(-1) for v in vals)
-    if not scale.size == beta.size == mean.size == var.size:
-        return None
-    s = scale / np.sqrt(var + n.attrs.get("epsilon", 1e-5))
-    s32, t32 = s.astype(np.float32), (beta - mean * s).astype(np.float32)
+    s, t = st
+    s32, t32 = s.astype(np.float32), t.astype(np.float32)
     used, out, act = [i], n.outputs[0], "none"
     j = sole_reader(out)
     if j is not None and (a := _act_of(nodes[j], consts)) is not None:
@@ -182,7 +179,7 @@ def _fuse_batchnorm(i, n: Node, nodes, consts, sole_reader):
         if x.dtype == np.float32:
             return kernels.channel_affine(x, s32, t32, act)
         shape = (1, -1) + (1,) * (x.ndim - 2)  # other float types keep their dtype
-        y = x * s.astype(x.dtype).reshape(shape) + (beta - mean * s).astype(x.dtype).reshape(shape)
+        y = x * s.astype(x.dtype).reshape(shape) + t.astype(x.dtype).reshape(shape)
         return reference.apply_act(y, act).astype(x.dtype)
 
     op = "+".join(nodes[k].op for k in used)
@@ -360,16 +357,28 @@ def _act_of(n: Node, consts: dict):
     return None
 
 
-def _fold_bn(w, b, bn: Node, consts):
-    """Conv weight/bias with the following inference BatchNormalization folded in, or None."""
+def _bn_affine(bn: Node, consts):
+    """An inference BatchNormalization as float64 (s, t) with y = x * s[c] + t[c], or None when
+    its parameters are not constants or it trains."""
     vals = [_const(consts, x) for x in bn.inputs[1:5]]
     if any(v is None for v in vals) or bn.attrs.get("training_mode", 0) or any(bn.outputs[1:]):
         return None
-    scale, beta, mean, var = (v.astype(np.float64) for v in vals)
+    scale, beta, mean, var = (v.astype(np.float64).reshape(-1) for v in vals)
+    if not scale.size == beta.size == mean.size == var.size:
+        return None
     s = scale / np.sqrt(var + bn.attrs.get("epsilon", 1e-5))
+    return s, beta - mean * s
+
+
+def _fold_bn(w, b, bn: Node, consts):
+    """Conv weight/bias with the following inference BatchNormalization folded in, or None."""
+    st = _bn_affine(bn, consts)
+    if st is None:
+        return None
+    s, t = st
     b0 = np.zeros(w.shape[0]) if b is None else b.astype(np.float64)
     w = (w.astype(np.float64) * s.reshape(-1, 1, 1, 1)).astype(np.float32)
-    return w, ((b0 - mean) * s + beta).astype(np.float32)
+    return w, (b0 * s + t).astype(np.float32)
 
 
 def _swish_after(out, nodes, sole_reader, all_readers):

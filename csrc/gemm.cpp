@@ -21,6 +21,11 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // Work below this many multiply-adds runs on the calling thread: waking a worker costs more.
 constexpr int64_t kSerialWork = 32 * 1024;
 
+// choose_grid's price of a 64-byte line read from another core or L3, in vector loads from L1.
+// 16-core Xeon, two runs each, batch 1 at 16 threads: ResNet-50 90% 7.7-8.1 ms with 4, 8.9 with
+// 8, 7.9-8.2 with 16; MobileNetV2 90% 2.6-2.9, 2.8, 2.4-2.7 (64: 8.2 and 2.6).
+constexpr double kGridBeta = 16;
+
 thread_local FloatBuf t_pack, t_packt, t_tile, t_shared, t_partial;
 
 // Rows in panels of `height` (kGemmMR, or a row vector's vp * kGemmMR) interleaved along K,
@@ -108,6 +113,32 @@ void split_k(const KernelTable& kt, const SpmmArgs& a, const SparseLayout& l, in
   });
 }
 
+// The grid of row ranges r x column ranges c (columns cut at whole vectors; r * c = nt, one unit
+// per thread, each packing the X columns it reads) that costs the busiest thread least, in
+// vector loads: its nonzeros (plus a per-row epilogue) times the loads per nonzero of its tiles
+// (one per vector, and about 1.5 for the weight and the offset: so 2.5 on a 1-vector tile
+// against 5.5 on a 4-vector one), plus `beta` per 64-byte line it
+// reads from another core's cache or L3: its X columns (K x v vectors) and its rows' share of
+// the weight stream (6 bytes a nonzero). More row ranges read X more times over; more column
+// ranges read the weights more times over and make narrower tiles.
+int64_t choose_grid(int64_t nt, int64_t work, int64_t nnz, int64_t K, int64_t nvec,
+                    int64_t per_tile, double beta) {
+  int64_t best = nt;
+  double best_cost = 0;
+  for (int64_t r = 1; r <= nt; ++r) {
+    if (nt % r) continue;
+    const int64_t v = ceil_div(nvec, nt / r);
+    const double compute = (double)ceil_div(work, r) * (v + 1.5 * ceil_div(v, per_tile));
+    const double lines = (double)K * v + 6.0 * nnz / (64.0 * r);
+    const double cost = compute + beta * lines;
+    if (r == 1 || cost < best_cost) {
+      best = r;
+      best_cost = cost;
+    }
+  }
+  return best;
+}
+
 void sparse_gemm(const SparseWeight& w, const SparseLayout& l, int64_t m0, int64_t rows,
                  const float* x, const int64_t* koff, int64_t cs, int64_t n, float* y,
                  int64_t ldy, const Epilogue& ep) {
@@ -138,6 +169,30 @@ void sparse_gemm(const SparseWeight& w, const SparseLayout& l, int64_t m0, int64
   };
   const int64_t vw = kt.simd_width, per_tile = kt.spmm_nt / vw, nvec = ceil_div(n, vw);
   const int64_t ntiles = ceil_div(nvec, per_tile);
+  // one unit per thread: row range u / c x column range u % c, cut at whole vectors
+  auto grid = [&](int64_t r) {
+    const int64_t c = nt / r;
+    parallel_for(nt, [&](int64_t u) {
+      const int64_t rr = u / c, cc = u % c;
+      const int64_t c0 = std::min(n, nvec * cc / c * vw), c1 = std::min(n, nvec * (cc + 1) / c * vw);
+      const int64_t r0 = split(rr, r), r1 = split(rr + 1, r);
+      if (c1 > c0 && r1 > r0)
+        kt.spmm(a, m0 + r0, m0 + r1, c0, c1, y, ldy, ep, t_tile.get(tile_floats));
+    });
+  };
+  // From 3 threads on, every split but the long-K one below is the grid of choose_grid, where X
+  // is read in place (cs == 1; BERT's transposed X is packed once for all threads instead, as
+  // its gather costs more than a copy: the grid ran 14% slower at 4 threads, the same at 8-16).
+  // On a 16-core Xeon, ResNet-50 90% at batch 1 ran 7.9-8.2 ms with it against 17.3-17.5 ms
+  // with the splits below (onnxruntime 10.4-10.8), 9.8-13.0 against 14.3-22.1 at 8 threads
+  // (ort 17.4-17.9), and MobileNetV2 90% 2.4-2.7 ms against 3.4-4.1 at 16 threads: whole-tile
+  // column chunks that share out unevenly at 8-16 threads had sent each thread to pack all of
+  // X, and the shared packing of 28x28 and 14x14 layers had each thread read all of it from
+  // other cores. At 2 threads the
+  // splits below stay, tuned there (the grid would split ResNet-50's 14x14 layers by columns,
+  // measured 5% slower in the model).
+  if (nt > 2 && cs == 1 && !(ntiles < nt && l.nblocks >= 2 * nt))
+    return grid(choose_grid(nt, total, nnz, w.K, nvec, per_tile, kGridBeta));
   if (ntiles >= nt) {
     // Column chunks of whole tiles, up to 4 per thread, each packing its own X; with fewer than
     // 2 per thread, row ranges too. Each range packs its X again: with 4 units per thread the

@@ -296,8 +296,10 @@ static void spmm(const SpmmArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t 
       }
       const int32_t* rp = a.row_ptr + b * a.rp_stride;
       const int mode = (b == 0 ? kTileFirst : 0) | (b + 1 == a.nblocks ? kTileLast : 0);
-      // the loop by the rows' average length in this block (kSpmmPermMin, kSpmmShort)
-      const int64_t nnz = rp[m1] - rp[m0], rows = m1 - m0;
+      // the loop by the average row length in this block over all the weight's rows (kSpmmPermMin,
+      // kSpmmShort), not just [m0, m1): the loops add in different orders, so a choice made per
+      // row range would make the result depend on how the threads split the rows
+      const int64_t rows = a.rp_stride - 1, nnz = rp[rows] - rp[0];
       const auto block = kSpmmPerm && nnz >= kSpmmPermMin * rows ? &spmm_block<kSpmmU, true>
                          : nnz < kSpmmShort * rows               ? &spmm_block<1, false>
                                                                  : &spmm_block<kSpmmU, false>;

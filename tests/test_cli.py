@@ -1,6 +1,7 @@
 """The CLI: every user error is one line on stderr, exit status 2, no traceback."""
 
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -128,7 +129,8 @@ def test_real_process_prints_one_line_and_exits_2(files, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "sparsify.cli", *apply_args(files, tmp_path / "missing.pt")],
         capture_output=True, text=True, cwd=REPO,
-        env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(
+            p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)})
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: checkpoint ")
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr

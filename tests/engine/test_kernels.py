@@ -706,6 +706,30 @@ def test_thread_counts_agree(n):
                 np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("m,k,n", [(256, 64, 3136), (64, 576, 3248), (128, 1152, 784)])
+def test_many_threads_split_wide_outputs_exactly(m, k, n):
+    """Many threads on a wide output (ResNet-50's 56x56 and 28x28 shapes): whole column tiles
+    would share out unevenly, so the threads take row ranges crossed with column ranges cut at
+    whole vectors; every split gives the 1-thread result bit for bit."""
+    rng = np.random.default_rng(m + k + n)
+    w = sparse_matrix(rng, m, k, 0.9, empty_rows=2)
+    x = rng.standard_normal((k, n)).astype(np.float32)
+    bias = rng.standard_normal(m).astype(np.float32)
+    res = rng.standard_normal((m, n)).astype(np.float32)
+    packed = kernels.PackedWeight.pack(w, "sparse")
+    before = kernels.get_num_threads()
+    try:
+        outs = {}
+        for t in (1, 2, 5, 6, 8, 12, 16):
+            kernels.set_num_threads(t)
+            outs[t] = kernels.gemm(packed, x, bias, "relu", res)
+    finally:
+        kernels.set_num_threads(before)
+    close(outs[1], reference.gemm(w, x, bias, "relu", res), scale=term_scale(w, x))
+    for t, y in outs.items():
+        np.testing.assert_array_equal(y, outs[1], err_msg=f"{t} threads")
+
+
 def test_concurrent_calls_from_python_threads():
     """Kernels release the GIL and share one worker pool; overlapping calls stay correct."""
     from concurrent.futures import ThreadPoolExecutor

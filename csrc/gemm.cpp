@@ -100,16 +100,16 @@ void split_k(const KernelTable& kt, const SpmmArgs& a, const SparseLayout& l, in
     kt.spmm(s, m0, m0 + rows, 0, n, dst, p == 0 ? ldy : n, p == 0 ? first : none,
             t_tile.get(tile_floats));
   });
+  // one vector pass per partial sum, the last adding the bias and applying the activation (a
+  // scalar loop with the activation's switch per element took as long as the products: ResNet-50's
+  // 2048 -> 512 1x1 layer on 7x7 ran 1.03x of one thread at 2 threads)
   parallel_range(rows, rows * n * parts < kSerialWork, [&](int64_t r) {
     float* yr = y + r * ldy;
     for (int64_t p = 1; p < parts; ++p) {
-      const float* q = partial + ((p - 1) * rows + r) * n;
-      for (int64_t j = 0; j < n; ++j) yr[j] += q[j];
+      const bool last = p + 1 == parts;
+      kt.act_row(yr, partial + ((p - 1) * rows + r) * n, n, 1.f,
+                 last && ep.bias ? ep.bias[r] : 0.f, last ? ep.act : kActNone, ep.lo, ep.hi, yr);
     }
-    const float b = ep.bias ? ep.bias[r] : 0.f;
-    for (int64_t j = 0; j < n; ++j) yr[j] += b;
-    if (ep.act != kActNone)
-      for (int64_t j = 0; j < n; ++j) yr[j] = act_scalar(yr[j], ep.act, ep.lo, ep.hi);
   });
 }
 

@@ -706,6 +706,32 @@ def test_thread_counts_agree(n):
                 np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("act", ACTS)
+def test_split_k_sums_with_every_activation(act):
+    """Few columns and a long K at 2 threads: the threads take ranges of K blocks and one vector
+    pass adds the partial sums, the bias, the residual and the activation."""
+    rng = np.random.default_rng(21)
+    w = sparse_matrix(rng, 70, 2600, 0.9, empty_rows=2)
+    x = rng.standard_normal((2600, 37)).astype(np.float32)
+    bias = rng.standard_normal(70).astype(np.float32)
+    res = rng.standard_normal((70, 37)).astype(np.float32)
+    x[5, 3] = np.nan
+    before = kernels.get_num_threads()
+    try:
+        kernels.set_num_threads(2)
+        got = kernels.gemm(kernels.PackedWeight.pack(w, "sparse"), x, bias, act, res)
+    finally:
+        kernels.set_num_threads(before)
+    with np.errstate(invalid="ignore"):
+        want = reference.gemm(w, np.nan_to_num(x, nan=0.0), bias, act, res)
+    # the sparse kernel never multiplies a pruned zero by the NaN, so only rows that use it see it
+    uses = w[:, 5] != 0
+    assert np.isnan(got[uses, 3]).all()
+    keep = np.ones_like(got, bool)
+    keep[uses, 3] = False
+    close(np.where(keep, got, 0), np.where(keep, want, 0), scale=term_scale(w, np.nan_to_num(x)))
+
+
 @pytest.mark.parametrize("m,k,n", [(256, 64, 3136), (64, 576, 3248), (128, 1152, 784)])
 def test_many_threads_split_wide_outputs_exactly(m, k, n):
     """Many threads on a wide output (ResNet-50's 56x56 and 28x28 shapes): whole column tiles

@@ -302,6 +302,42 @@ NB_MODULE(_core, mod) {
     run_depthwise(w.data(), x.data(), s, b, a.act, a.lo, a.hi, y.data());
   });
 
+  mod.def("conv1x1_depthwise", [](nb::handle wh, In x, OptIn bias1, int act1, float lo1, float hi1,
+                                  In wd, int sh, int sw, int pt, int pl, int pb, int pr, int dh,
+                                  int dw, OptIn bias2, int act2, float lo2, float hi2, Out y) {
+    SparseWeight* sp; DenseWeight* de; int64_t m, k;
+    weight_dims(wh, sp, de, m, k);
+    expect(x.ndim() == 4 && y.ndim() == 4, "conv1x1_depthwise: input and output must be NCHW");
+    expect(k == (int64_t)x.shape(1), "conv1x1_depthwise: the 1x1 weight [" + std::to_string(m) +
+           ", " + std::to_string(k) + "] does not fit " + std::to_string(x.shape(1)) + " input channels");
+    expect(wd.ndim() == 4 && (int64_t)wd.shape(0) == m && wd.shape(1) == 1,
+           "conv1x1_depthwise: the depthwise weight must be [M, 1, kh, kw] for the 1x1's M outputs");
+    expect(sh > 0 && sw > 0 && dh > 0 && dw > 0 && pt >= 0 && pl >= 0 && pb >= 0 && pr >= 0,
+           "conv1x1_depthwise: bad stride, dilation or pads");
+    const int kh = (int)wd.shape(2), kw = (int)wd.shape(3);
+    ConvShape s{(int64_t)x.shape(0), m, (int64_t)x.shape(2), (int64_t)x.shape(3), m,
+                (int64_t)y.shape(2), (int64_t)y.shape(3), kh, kw, sh, sw, pt, pl, pb, pr, dh, dw,
+                (int)m};
+    const int64_t oh = (s.h + pt + pb - (int64_t)dh * (kh - 1) - 1) / sh + 1;
+    const int64_t ow = (s.w + pl + pr - (int64_t)dw * (kw - 1) - 1) / sw + 1;
+    expect((int64_t)y.shape(0) == s.n && (int64_t)y.shape(1) == m && s.oh == oh && s.ow == ow &&
+               oh >= 1 && ow >= 1, "conv1x1_depthwise: out has the wrong shape");
+    const ActArgs a1 = act_args(act1, lo1, hi1), a2 = act_args(act2, lo2, hi2);
+    const float* b1 = vec_or_null(bias1, m, "conv1x1_depthwise bias1");
+    const float* b2 = vec_or_null(bias2, m, "conv1x1_depthwise bias2");
+    std::vector<float> x_copy;
+    const float* xp = unaliased(x.data(), numel(x), y.data(), numel(y), false, x_copy);
+    const WeightRef w1 = bind_weight(sp, de, {}, 1);  // caches: needs the GIL
+    nb::gil_scoped_release nogil;
+    run_conv1x1_depthwise(w1, xp, k, b1, a1.act, a1.lo, a1.hi, wd.data(), s, b2, a2.act, a2.lo,
+                          a2.hi, y.data());
+  });
+
+  mod.def("depthwise_per_plane", [](int c, int oh, int ow, int sh, int sw) {
+    ConvShape s{1, c, 0, 0, c, oh, ow, 1, 1, sh, sw, 0, 0, 0, 0, 1, 1, c};
+    return depthwise_per_plane(s);
+  });
+
   mod.def("max_pool2d", [](In x, int kh, int kw, int sh, int sw, int pt, int pl, int pb, int pr,
                            int dh, int dw, Out y) {
     ConvShape s = conv_shape(x, x.ndim() == 4 ? (int64_t)x.shape(1) : 0, y, kh, kw, sh, sw, pt, pl, pb, pr, dh, dw, 1);

@@ -171,6 +171,15 @@ void run_window_planes(int op, const float* w, const float* x, const ConvShape& 
                        const float* bias, int act, float lo, float hi, float* y);
 void run_depthwise(const float* w, const float* x, const ConvShape& s, const float* bias, int act,
                    float lo, float hi, float* y);
+// Whether run_depthwise takes the per-plane path for this shape (the one the fused 1x1 below uses).
+bool depthwise_per_plane(const ConvShape& s);
+// A 1x1 conv (stride 1, no pads; weight [m][c], bias1, act1) and the depthwise conv of shape s
+// (s.c = m channels of s.h x s.w; weight wd [m][kh * kw], bias2, act2) on its output, in bands of
+// output rows: each band runs the 1x1 on the input rows it reads into scratch and the depthwise
+// conv from there, so the 1x1's output never goes to memory. x is [s.n][c][s.h][s.w].
+void run_conv1x1_depthwise(const WeightRef& w1, const float* x, int64_t c, const float* bias1,
+                           int act1, float lo1, float hi1, const float* wd, const ConvShape& s,
+                           const float* bias2, int act2, float lo2, float hi2, float* y);
 void run_max_pool(const float* x, const ConvShape& s, float* y);
 void run_avg_pool(const float* x, const ConvShape& s, bool count_include_pad, float* y);
 void run_global_avg_pool(const float* x, int64_t planes, int64_t size, float* y);

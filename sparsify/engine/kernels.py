@@ -344,6 +344,41 @@ def depthwise_conv2d(w, x, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), 
     return y
 
 
+def conv1x1_depthwise(pw, x, bias1=None, act1="none", wd=None, strides=(1, 1), pads=(0, 0, 0, 0),
+                      dilations=(1, 1), bias2=None, act2="none", out=None):
+    """``depthwise_conv2d(wd, conv2d(pw, x, (1, 1), bias=bias1, act=act1), ...)`` in one call: a
+    1x1 conv (stride 1, no pads; pw is [M, C]) and a depthwise conv (wd is [M, 1, kh, kw]) on its
+    output, run in bands of output rows so that the 1x1's output (MobileNet's expanded
+    activations) stays in cache and never goes to memory."""
+    _check_pw(pw)
+    x = _nchw(x, "conv1x1_depthwise input")
+    n, c, h, w = x.shape
+    m, k = pw.shape
+    if k != c:
+        raise InputError(f"conv1x1_depthwise input has {c} channels; the 1x1 weight {pw.shape} needs {k}")
+    wd = _f32(wd, "depthwise weight")
+    if wd.ndim != 4 or wd.shape[0] != m or wd.shape[1] != 1:
+        raise InputError(f"depthwise weight has shape {wd.shape}, expected [{m}, 1, kh, kw]")
+    kh, kw = wd.shape[2:]
+    sh, sw = _pair(strides, "strides")
+    dh, dw = _pair(dilations, "dilations")
+    pt, pl, pb, pr = _pair(pads, "pads", 4)
+    shape = (n, m, conv_out_size(h, kh, sh, pt, pb, dh), conv_out_size(w, kw, sw, pl, pr, dw))
+    code1, lo1, hi1 = _act(act1)
+    code2, lo2, hi2 = _act(act2)
+    y = _out(out, shape, "conv1x1_depthwise")
+    _core.conv1x1_depthwise(pw._h, x, _vec(bias1, m, "1x1 bias"), code1, lo1, hi1, wd, sh, sw, pt,
+                            pl, pb, pr, dh, dw, _vec(bias2, m, "depthwise bias"), code2, lo2, hi2, y)
+    return y
+
+
+def depthwise_per_plane(channels, out_hw, strides=(1, 1)) -> bool:
+    """Whether ``depthwise_conv2d`` runs this output shape plane by plane (the path
+    ``conv1x1_depthwise`` uses), rather than on channel vectors (small planes)."""
+    sh, sw = _pair(strides, "strides")
+    return bool(_core.depthwise_per_plane(int(channels), int(out_hw[0]), int(out_hw[1]), sh, sw))
+
+
 def max_pool2d(x, kernel_shape, strides=None, pads=(0, 0, 0, 0), dilations=(1, 1), ceil_mode=0,
                out=None):
     x = _nchw(x, "max pool input")

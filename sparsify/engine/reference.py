@@ -199,6 +199,13 @@ def depthwise_conv2d(w, x, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), 
                   None, out)
 
 
+def conv1x1_depthwise(pw, x, bias1=None, act1="none", wd=None, strides=(1, 1), pads=(0, 0, 0, 0),
+                      dilations=(1, 1), bias2=None, act2="none", out=None):
+    """A 1x1 conv, then a depthwise conv on its output (the core runs them in bands)."""
+    e = conv2d(pw, x, (1, 1), bias=bias1, act=act1).astype(np.float32)
+    return depthwise_conv2d(wd, e, strides, pads, dilations, bias2, act2, out)
+
+
 def max_pool2d(x, kernel_shape, strides=None, pads=(0, 0, 0, 0), dilations=(1, 1), ceil_mode=0,
                out=None):
     strides = strides or (1, 1)

@@ -328,6 +328,42 @@ def test_conv2d_maxpool(isa, kind, case):
         kernels.conv2d_maxpool(pw, x, ks, st, pads, out=np.empty((n, m, 1, 1), np.float32))
 
 
+@pytest.mark.parametrize("kind", ["sparse", "dense"])
+@pytest.mark.parametrize("case", [  # (N, C, H, W, M, kernel, strides, pads, dilations)
+    (1, 16, 112, 112, 96, 3, 2, (1, 1, 1, 1), 1),  # MobileNetV2's first expansion, bands of it
+    (2, 5, 31, 29, 24, 3, 1, (1, 1, 1, 1), 1),  # a batch, odd sizes
+    (1, 7, 30, 33, 40, 5, 2, (2, 2, 2, 2), 1),  # EfficientNet's 5x5
+    (1, 6, 33, 31, 20, 3, 1, (2, 0, 1, 2), 2),  # dilated, uneven pads
+    (1, 3, 5, 40, 16, 3, 1, (1, 1, 1, 1), 1),  # fewer rows than bands
+    (1, 4, 17, 17, 8, 3, 3, (0, 0, 0, 0), 1),  # stride 3, no pads: bands skip input rows
+])
+def test_conv1x1_depthwise(isa, kind, case):
+    """The banded 1x1 + depthwise pair equals the two convs one after the other, whatever the
+    thread count (each band is one unit of work)."""
+    n, c, h, w, m, k, st, pads, d = case
+    rng = np.random.default_rng(h * w + m)
+    w1 = sparse_matrix(rng, m, c, 0.7)
+    wd = rng.standard_normal((m, 1, k, k)).astype(np.float32)
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    b1, b2 = rng.standard_normal(m).astype(np.float32), rng.standard_normal(m).astype(np.float32)
+    pw = kernels.PackedWeight.pack(w1, kind)
+    before = kernels.get_num_threads()
+    try:
+        for act1, act2, threads in ((("clip", 0.0, 6.0), ("clip", 0.0, 6.0), 1), ("silu", "none", 2),
+                                    ("none", "relu", 3)):
+            kernels.set_num_threads(threads)
+            want = reference.conv1x1_depthwise(w1, x, b1, act1, wd, (st, st), pads, (d, d), b2, act2)
+            got = kernels.conv1x1_depthwise(pw, x, b1, act1, wd, (st, st), pads, (d, d), b2, act2)
+            scale = float(np.abs(reference.conv2d(w1, x, (1, 1), bias=b1)).max()) * k * k + 1
+            close(got, want, scale=scale)
+    finally:
+        kernels.set_num_threads(before)
+    with pytest.raises(InputError, match="input channels|needs"):
+        kernels.conv1x1_depthwise(pw, x[:, :1], b1, "none", wd)
+    with pytest.raises(InputError, match="depthwise weight"):
+        kernels.conv1x1_depthwise(pw, x, b1, "none", wd[:1])
+
+
 def test_dense_conv_weight_keeps_its_values_across_layouts():
     # A dense weight run rowwise by a conv is stored as row vectors from then on (AVX-512 frees
     # its panels); reading it back, running it as a GEMM, or on another ISA rebuilds what each

@@ -308,6 +308,39 @@ def test_stem_conv_and_max_pool_fuse_into_one_call(kind, onnx_check):
     assert [s.op for s in engine.plan.steps] == ["Conv+BatchNormalization+Relu+MaxPool", "MaxPool"]
 
 
+@pytest.mark.parametrize("kind", ["dense", "sparse"])
+def test_expansion_and_depthwise_conv_run_in_bands_as_one_step(kind, onnx_check):
+    # MobileNetV2's inverted residual: 1x1 expand -> BN -> Clip -> depthwise 3x3/2 -> BN -> Clip
+    # -> 1x1 project; the expanded activations (64 x 64 x 64 floats: 1 MB) go to a band buffer
+    bn = lambda c, p: {f"{p}s": pos(c), f"{p}b": f(c), f"{p}m": f(c), f"{p}v": pos(c)}  # noqa: E731
+    clip = {"lo": np.float32(0), "hi": np.float32(6)}
+    nodes = [helper.make_node("Conv", ["x", "we"], ["e"]),
+             helper.make_node("BatchNormalization", ["e", "es", "eb", "em", "ev"], ["en"]),
+             helper.make_node("Clip", ["en", "lo", "hi"], ["ec"]),
+             helper.make_node("Conv", ["ec", "wd"], ["d"], group=64, pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("BatchNormalization", ["d", "ds", "db", "dm", "dv"], ["dn"]),
+             helper.make_node("Clip", ["dn", "lo", "hi"], ["dc"]),
+             helper.make_node("Conv", ["dc", "wp"], ["y"])]
+    we = f(64, 8, 1, 1) if kind == "dense" else sparse(64, 8, 1, 1)
+    model = _graph(nodes, [_vi("x", [1, 8, 64, 64])], ["y"],
+                   dict(we=we, wd=f(64, 1, 3, 3), wp=sparse(8, 64, 1, 1), **bn(64, "e"), **bn(64, "d"), **clip))
+    engine = Engine(model, kind=kind)
+    x = f(1, 8, 64, 64)
+    onnx_check.assert_same(engine.run({"x": x}), onnx_check.ort_run(model, {"x": x}), 1e-5)
+    assert [s.op for s in engine.plan.steps] == [
+        "Conv+BatchNormalization+Clip+Conv+BatchNormalization+Clip", "Conv"]
+    rows = engine.report()["layers"]
+    assert [r["kind"] for r in rows] == [kind, "depthwise", kind]
+    assert rows[1]["fused"][:2] == ["BatchNormalization", "Clip"]
+    # the expansion read by something else too, or too small to be worth bands: two steps
+    small = _graph(nodes[:6], [_vi("x", [1, 8, 16, 16])], ["dc"],
+                   dict(we=we, wd=f(64, 1, 3, 3), **bn(64, "e"), **bn(64, "d"), **clip))
+    assert len(Engine(small, kind=kind).plan.steps) == 2
+    twice = _graph(nodes[:6], [_vi("x", [1, 8, 64, 64])], ["dc", "ec"],
+                   dict(we=we, wd=f(64, 1, 3, 3), **bn(64, "e"), **bn(64, "d"), **clip))
+    assert len(Engine(twice, kind=kind).plan.steps) == 2
+
+
 def test_intermediate_read_twice_is_not_fused(onnx_check):
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"]),
              helper.make_node("Relu", ["c"], ["r"]),

@@ -486,6 +486,11 @@ void depthwise_channels(const float* w, const float* x, const ConvShape& s, cons
 
 }  // namespace
 
+bool depthwise_per_plane(const ConvShape& s) {
+  const int64_t plane = s.oh * s.ow;
+  return !(plane <= 196 || ((s.sh > 1 || s.sw > 1) && plane <= 256));
+}
+
 void run_depthwise(const float* w, const float* x, const ConvShape& s, const float* bias, int act,
                    float lo, float hi, float* y) {
   if (s.n * s.c == 0 || s.oh == 0 || s.ow == 0) return;
@@ -493,15 +498,8 @@ void run_depthwise(const float* w, const float* x, const ConvShape& s, const flo
   // channel vectors win on outputs up to 14x14 (384 channels at 14x14: 53 us against 64) and
   // on strided ones up to 16x16; from 28x28 on the interleave costs more than the per-plane
   // path's partly empty vectors (192 channels at 28x28: 115 us against 87).
-  const int64_t plane = s.oh * s.ow;
-  if (plane <= 196 || ((s.sh > 1 || s.sw > 1) && plane <= 256))
-    depthwise_channels(w, x, s, bias, act, lo, hi, y);
-  else window_planes(0, w, x, s, 0.f, bias, act, lo, hi, y);
-}
-
-bool depthwise_per_plane(const ConvShape& s) {
-  const int64_t plane = s.oh * s.ow;
-  return !(plane <= 196 || ((s.sh > 1 || s.sw > 1) && plane <= 256));
+  if (depthwise_per_plane(s)) window_planes(0, w, x, s, 0.f, bias, act, lo, hi, y);
+  else depthwise_channels(w, x, s, bias, act, lo, hi, y);
 }
 
 void run_conv1x1_depthwise(const WeightRef& w1, const float* x, int64_t c, const float* bias1,
@@ -515,7 +513,7 @@ void run_conv1x1_depthwise(const WeightRef& w1, const float* x, int64_t c, const
   while (b > 1 && m * std::min(s.h, rows_in(b)) * s.w * (int64_t)sizeof(float) > kBandBytes) --b;
   int64_t bands = (s.oh + b - 1) / b;
   const int64_t nt = num_threads();
-  // at least a few units per thread, a multiple of the thread count where the batch is small
+  // at least 4 units per thread where the batch is small (a band's halo rows run the 1x1 twice)
   if (nt > 1 && s.n * bands < 4 * nt) {
     const int64_t per_img = (4 * nt + s.n - 1) / s.n;
     bands = std::min<int64_t>(s.oh, std::max(bands, per_img));

@@ -324,12 +324,10 @@ def conv2d_maxpool(pw, x, kernel_shape, strides=(1, 1), pads=(0, 0, 0, 0), dilat
     return y
 
 
-def depthwise_conv2d(w, x, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), bias=None,
-                     act="none", out=None):
-    """Depthwise Conv (group == C, one filter per channel); w is [C, 1, kh, kw]."""
-    x = _nchw(x, "depthwise conv input")
+def _depthwise_geometry(w, n, c, h, wd, strides, pads, dilations):
+    """The checked float32 weight [c, 1, kh, kw], (sh, sw, pt, pl, pb, pr, dh, dw) and the output
+    shape of a depthwise conv over [n, c, h, wd]."""
     w = _f32(w, "depthwise weight")
-    n, c, h, wd = x.shape
     if w.ndim != 4 or w.shape[0] != c or w.shape[1] != 1:
         raise InputError(f"depthwise weight has shape {w.shape}, expected [{c}, 1, kh, kw]")
     kh, kw = w.shape[2:]
@@ -337,10 +335,18 @@ def depthwise_conv2d(w, x, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), 
     dh, dw = _pair(dilations, "dilations")
     pt, pl, pb, pr = _pair(pads, "pads", 4)
     shape = (n, c, conv_out_size(h, kh, sh, pt, pb, dh), conv_out_size(wd, kw, sw, pl, pr, dw))
+    return w, (sh, sw, pt, pl, pb, pr, dh, dw), shape
+
+
+def depthwise_conv2d(w, x, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), bias=None,
+                     act="none", out=None):
+    """Depthwise Conv (group == C, one filter per channel); w is [C, 1, kh, kw]."""
+    x = _nchw(x, "depthwise conv input")
+    n, c, h, wd = x.shape
+    w, geom, shape = _depthwise_geometry(w, n, c, h, wd, strides, pads, dilations)
     code, lo, hi = _act(act)
     y = _out(out, shape, "depthwise_conv2d")
-    _core.depthwise_conv2d(w, x, sh, sw, pt, pl, pb, pr, dh, dw, _vec(bias, c, "depthwise bias"),
-                           code, lo, hi, y)
+    _core.depthwise_conv2d(w, x, *geom, _vec(bias, c, "depthwise bias"), code, lo, hi, y)
     return y
 
 
@@ -356,19 +362,12 @@ def conv1x1_depthwise(pw, x, bias1=None, act1="none", wd=None, strides=(1, 1), p
     m, k = pw.shape
     if k != c:
         raise InputError(f"conv1x1_depthwise input has {c} channels; the 1x1 weight {pw.shape} needs {k}")
-    wd = _f32(wd, "depthwise weight")
-    if wd.ndim != 4 or wd.shape[0] != m or wd.shape[1] != 1:
-        raise InputError(f"depthwise weight has shape {wd.shape}, expected [{m}, 1, kh, kw]")
-    kh, kw = wd.shape[2:]
-    sh, sw = _pair(strides, "strides")
-    dh, dw = _pair(dilations, "dilations")
-    pt, pl, pb, pr = _pair(pads, "pads", 4)
-    shape = (n, m, conv_out_size(h, kh, sh, pt, pb, dh), conv_out_size(w, kw, sw, pl, pr, dw))
+    wd, geom, shape = _depthwise_geometry(wd, n, m, h, w, strides, pads, dilations)
     code1, lo1, hi1 = _act(act1)
     code2, lo2, hi2 = _act(act2)
     y = _out(out, shape, "conv1x1_depthwise")
-    _core.conv1x1_depthwise(pw._h, x, _vec(bias1, m, "1x1 bias"), code1, lo1, hi1, wd, sh, sw, pt,
-                            pl, pb, pr, dh, dw, _vec(bias2, m, "depthwise bias"), code2, lo2, hi2, y)
+    _core.conv1x1_depthwise(pw._h, x, _vec(bias1, m, "1x1 bias"), code1, lo1, hi1, wd, *geom,
+                            _vec(bias2, m, "depthwise bias"), code2, lo2, hi2, y)
     return y
 
 

@@ -840,6 +840,13 @@ def test_misuse_raises_input_error():
         kernels.gemm(pw, np.ones((6, 3), np.float32), bias=np.ones(3))
     with pytest.raises(InputError, match="act must be"):
         kernels.gemm(pw, np.ones((6, 3), np.float32), act="swish")
+    # tuple activations are parsed once and kept; a bad one is an InputError however malformed
+    x = np.ones((6, 3), np.float32)
+    for _ in range(2):
+        np.testing.assert_array_equal(kernels.gemm(pw, x, act=("clip", 0.0, 5.0)), np.full((4, 3), 5.0))
+    for bad in (("clip", [0.0], 1.0), ("clip", "low", 1.0), ("clip", 0.0)):
+        with pytest.raises(InputError):
+            kernels.gemm(pw, x, act=bad)
     with pytest.raises(InputError, match="NCHW"):
         kernels.max_pool2d(np.ones((3, 4, 4), np.float32), (2, 2))
     with pytest.raises(InputError, match="does not fit"):

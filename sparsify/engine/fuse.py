@@ -624,6 +624,19 @@ def _conv_fn(n: Node, w, bias, act, has_residual, depthwise, kind, pool=False):
         return run, "depthwise", None
 
     pw = kernels.PackedWeight.pack(w.reshape(w.shape[0], -1), kind=kind)
+    if static is not None and not pool:  # the arguments checked once per input shape
+        conv = kernels.bind_conv2d(pw, *static, group, bias, act)
+        if has_residual:
+            def run(x, r):
+                return conv(x, r)
+
+            def into(x, r):  # the kernels read each residual element before writing it
+                return conv(x, r, out=r)
+            run.into_residual = into
+        else:
+            def run(x):
+                return conv(x)
+        return run, pw.kind, pw
     if has_residual:
         def run(x, r):
             k, s, p, d = geometry(x)

@@ -321,6 +321,38 @@ def conv2d(pw, x, kernel_shape, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1,
     return y
 
 
+def bind_conv2d(pw, kernel_shape, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), group=1,
+                bias=None, act="none"):
+    """``conv2d`` with everything but the input (and residual / out) fixed: a callable
+    ``f(x, residual=None, out=None)`` that validates the arguments once per input shape and then
+    goes straight to the core (an engine calls each layer the same way on every run, and the
+    general entry point's checks cost more than a small layer's kernel)."""
+    _check_pw(pw)
+    code, lo, hi = _act(act)
+    known: dict = {}
+    handle = pw._h
+
+    def run(x, residual=None, out=None):
+        fixed = None
+        if type(x) is np.ndarray and x.dtype == np.float32 and x.flags.c_contiguous:
+            fixed = known.get(x.shape)
+        if fixed is None:
+            x = _nchw(x, "conv input")
+            args, shape = _conv_geometry(pw, x.shape, kernel_shape, strides, pads, dilations, group)
+            fixed = (args + (_vec(bias, shape[1], "conv bias"), code, lo, hi), shape)
+            if len(known) < 64:
+                known[x.shape] = fixed
+        head, shape = fixed
+        y = np.empty(shape, np.float32) if out is None else _out(out, shape, "conv2d")
+        if residual is not None and not (type(residual) is np.ndarray and residual.shape == shape
+                                         and residual.dtype == np.float32
+                                         and residual.flags.c_contiguous):
+            residual = _same(residual, shape, "conv residual")
+        _core.conv2d(handle, x, *head, residual, y)
+        return y
+    return run
+
+
 def conv2d_maxpool(pw, x, kernel_shape, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1),
                    group=1, bias=None, act="none", out=None):
     """``conv2d`` followed by a 3x3 stride-2 MaxPool with pads 1 (ResNet's stem), in one call:

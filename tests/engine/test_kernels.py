@@ -364,6 +364,33 @@ def test_conv1x1_depthwise(isa, kind, case):
         kernels.conv1x1_depthwise(pw, x, b1, "none", wd[:1])
 
 
+@pytest.mark.parametrize("kind", ["sparse", "dense"])
+def test_bound_conv_matches_conv2d_and_checks_each_new_shape(kind):
+    rng = np.random.default_rng(17)
+    w = sparse_matrix(rng, 12, 6 * 9, 0.8)
+    pw = kernels.PackedWeight.pack(w, kind)
+    bias = rng.standard_normal(12).astype(np.float32)
+    conv = kernels.bind_conv2d(pw, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 1, bias, ("clip", 0.0, 6.0))
+    for shape in ((1, 6, 9, 11), (2, 6, 9, 11), (1, 6, 9, 11), (3, 6, 4, 5)):
+        x = rng.standard_normal(shape).astype(np.float32)
+        want = kernels.conv2d(pw, x, (3, 3), (2, 2), (1, 1, 1, 1), bias=bias, act=("clip", 0.0, 6.0))
+        np.testing.assert_array_equal(conv(x), want)
+        res = rng.standard_normal(want.shape).astype(np.float32)
+        np.testing.assert_array_equal(conv(x, res), kernels.conv2d(
+            pw, x, (3, 3), (2, 2), (1, 1, 1, 1), bias=bias, act=("clip", 0.0, 6.0), residual=res))
+        into = res.copy()
+        assert conv(x, into, out=into) is into
+        np.testing.assert_array_equal(into, conv(x, res))
+        # a non-contiguous or float64 input takes the checked path and gives the same result
+        np.testing.assert_array_equal(conv(np.asfortranarray(x.astype(np.float64))), want)
+    with pytest.raises(InputError, match="does not fit"):
+        conv(np.ones((1, 5, 9, 11), np.float32))
+    with pytest.raises(InputError, match="NCHW"):
+        conv(np.ones((6, 9, 11), np.float32))
+    with pytest.raises(InputError, match="residual"):
+        conv(np.ones((1, 6, 9, 11), np.float32), np.ones((1, 12, 2, 2), np.float32))
+
+
 def test_dense_conv_weight_keeps_its_values_across_layouts():
     # A dense weight run rowwise by a conv is stored as row vectors from then on (AVX-512 frees
     # its panels); reading it back, running it as a GEMM, or on another ISA rebuilds what each

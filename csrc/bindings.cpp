@@ -130,8 +130,6 @@ const RowNorm* row_norm(const OptIn& scale, const OptIn& bias, float eps, int64_
   return &ln;
 }
 
-// A conv's weight for its plan: a rowwise dense conv reads row vectors
-// (DenseWeight::vector_panels). Caches layouts: call with the GIL held.
 // plan_conv's result for a shape, kernel kind and ISA, made once: an engine calls each layer with
 // the same shape on every run, and planning a 3x3 conv over 512 channels (offsets for 4608 K
 // rows) took a few microseconds per call on the calling thread (ResNet-50 90% at 2 threads
@@ -154,6 +152,8 @@ const ConvPlan& conv_plan(const ConvShape& s, bool sparse) {
   return *plans.emplace(key, std::make_unique<ConvPlan>(plan_conv(s, sparse))).first->second;
 }
 
+// A conv's weight for its plan: a rowwise dense conv reads row vectors
+// (DenseWeight::vector_panels). Caches layouts: call with the GIL held.
 WeightRef bind_conv(SparseWeight* sw, DenseWeight* dw, const ConvPlan& plan, int64_t group) {
   WeightRef w = bind_weight(sw, dw, plan.koff, group);
   if (plan.mode == ConvPlan::kRowwise) {
@@ -332,21 +332,17 @@ NB_MODULE(_core, mod) {
                                   int dw, OptIn bias2, int act2, float lo2, float hi2, Out y) {
     SparseWeight* sp; DenseWeight* de; int64_t m, k;
     weight_dims(wh, sp, de, m, k);
-    expect(x.ndim() == 4 && y.ndim() == 4, "conv1x1_depthwise: input and output must be NCHW");
-    expect(k == (int64_t)x.shape(1), "conv1x1_depthwise: the 1x1 weight [" + std::to_string(m) +
-           ", " + std::to_string(k) + "] does not fit " + std::to_string(x.shape(1)) + " input channels");
     expect(wd.ndim() == 4 && (int64_t)wd.shape(0) == m && wd.shape(1) == 1,
            "conv1x1_depthwise: the depthwise weight must be [M, 1, kh, kw] for the 1x1's M outputs");
-    expect(sh > 0 && sw > 0 && dh > 0 && dw > 0 && pt >= 0 && pl >= 0 && pb >= 0 && pr >= 0,
-           "conv1x1_depthwise: bad stride, dilation or pads");
     const int kh = (int)wd.shape(2), kw = (int)wd.shape(3);
-    ConvShape s{(int64_t)x.shape(0), m, (int64_t)x.shape(2), (int64_t)x.shape(3), m,
-                (int64_t)y.shape(2), (int64_t)y.shape(3), kh, kw, sh, sw, pt, pl, pb, pr, dh, dw,
-                (int)m};
+    // the depthwise conv's shape: its input is the 1x1's output, m channels of x's size
+    ConvShape s = conv_shape(x, m, y, kh, kw, sh, sw, pt, pl, pb, pr, dh, dw, (int)m);
+    expect(k == s.c, "conv1x1_depthwise: the 1x1 weight [" + std::to_string(m) + ", " +
+           std::to_string(k) + "] does not fit " + std::to_string(s.c) + " input channels");
+    s.c = m;
     const int64_t oh = (s.h + pt + pb - (int64_t)dh * (kh - 1) - 1) / sh + 1;
     const int64_t ow = (s.w + pl + pr - (int64_t)dw * (kw - 1) - 1) / sw + 1;
-    expect((int64_t)y.shape(0) == s.n && (int64_t)y.shape(1) == m && s.oh == oh && s.ow == ow &&
-               oh >= 1 && ow >= 1, "conv1x1_depthwise: out has the wrong shape");
+    expect(s.oh == oh && s.ow == ow && oh >= 1 && ow >= 1, "conv1x1_depthwise: out has the wrong shape");
     const ActArgs a1 = act_args(act1, lo1, hi1), a2 = act_args(act2, lo2, hi2);
     const float* b1 = vec_or_null(bias1, m, "conv1x1_depthwise bias1");
     const float* b2 = vec_or_null(bias2, m, "conv1x1_depthwise bias2");

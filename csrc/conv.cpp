@@ -517,7 +517,7 @@ void run_conv1x1_depthwise(const WeightRef& w1, const float* x, int64_t c, const
   // run the 1x1 twice (MobileNetV2's 56x56 expansions at 2 threads in 4 bands of 14 or 7 rows
   // instead of 8: 0.19-0.20 -> 0.17 ms and 0.16 -> 0.14 ms)
   if (nt > 1 && s.n * bands < nt) bands = std::min<int64_t>(s.oh, (nt + s.n - 1) / s.n);
-  const int64_t max_rows = std::min(s.h, rows_in((s.oh + bands - 1) / bands + 1));
+  const int64_t max_rows = std::min(s.h, rows_in((s.oh + bands - 1) / bands));
   auto unit = [&](int64_t u) {
     const int64_t img = u / bands, band = u % bands;
     const int64_t oy0 = s.oh * band / bands, oy1 = s.oh * (band + 1) / bands;

@@ -117,12 +117,12 @@ void split_k(const KernelTable& kt, const SpmmArgs& a, const SparseLayout& l, in
 // per thread, each packing the X columns it reads) that costs the busiest thread least, in
 // vector loads: its nonzeros (plus a per-row epilogue) times the loads per nonzero of its tiles
 // (one per vector, and about 1.5 for the weight and the offset: so 2.5 on a 1-vector tile
-// against 5.5 on a 4-vector one), plus `beta` per 64-byte line it
-// reads from another core's cache or L3: its X columns (K x v vectors) and its rows' share of
-// the weight stream (6 bytes a nonzero). More row ranges read X more times over; more column
-// ranges read the weights more times over and make narrower tiles.
+// against 5.5 on a 4-vector one), plus kGridBeta per 64-byte line it reads from another core's
+// cache or L3: its X columns (K x v vectors) and its rows' share of the weight stream (6 bytes a
+// nonzero). More row ranges read X more times over; more column ranges read the weights more
+// times over and make narrower tiles.
 int64_t choose_grid(int64_t nt, int64_t work, int64_t nnz, int64_t K, int64_t nvec,
-                    int64_t per_tile, double beta) {
+                    int64_t per_tile) {
   int64_t best = nt;
   double best_cost = 0;
   for (int64_t r = 1; r <= nt; ++r) {
@@ -130,7 +130,7 @@ int64_t choose_grid(int64_t nt, int64_t work, int64_t nnz, int64_t K, int64_t nv
     const int64_t v = ceil_div(nvec, nt / r);
     const double compute = (double)ceil_div(work, r) * (v + 1.5 * ceil_div(v, per_tile));
     const double lines = (double)K * v + 6.0 * nnz / (64.0 * r);
-    const double cost = compute + beta * lines;
+    const double cost = compute + kGridBeta * lines;
     if (r == 1 || cost < best_cost) {
       best = r;
       best_cost = cost;
@@ -188,11 +188,10 @@ void sparse_gemm(const SparseWeight& w, const SparseLayout& l, int64_t m0, int64
   // (ort 17.4-17.9), and MobileNetV2 90% 2.4-2.7 ms against 3.4-4.1 at 16 threads: whole-tile
   // column chunks that share out unevenly at 8-16 threads had sent each thread to pack all of
   // X, and the shared packing of 28x28 and 14x14 layers had each thread read all of it from
-  // other cores. At 2 threads the
-  // splits below stay, tuned there (the grid would split ResNet-50's 14x14 layers by columns,
-  // measured 5% slower in the model).
+  // other cores. At 2 threads the splits below stay, tuned there (the grid would split
+  // ResNet-50's 14x14 layers by columns, measured 5% slower in the model).
   if (nt > 2 && cs == 1 && !(ntiles < nt && l.nblocks >= 2 * nt))
-    return grid(choose_grid(nt, total, nnz, w.K, nvec, per_tile, kGridBeta));
+    return grid(choose_grid(nt, total, nnz, w.K, nvec, per_tile));
   if (ntiles >= nt) {
     // Column chunks of whole tiles, up to 4 per thread, each packing its own X; with fewer than
     // 2 per thread, row ranges too. Each range packs its X again: with 4 units per thread the
@@ -403,17 +402,14 @@ void dense_gemm(const float* wp, int64_t rows, int64_t K, const float* x, const 
   // out even (blocks of 192 columns left 784 as 4 x 192 + 16 and ran as 3 blocks + 2 on 2
   // threads).
   const int64_t nr = kernels().gemm_nr, npan = ceil_div(n, nr);
-  int64_t cparts = std::min<int64_t>(npan, 8 * nt);
-  int64_t rparts = std::min<int64_t>(mpanels, ceil_div(4 * nt, cparts));
   // All columns in one of dense_block's column blocks and at least 4 weight panels a thread:
   // one panel range per thread over all columns, so each panel is read once, not once per
   // column range (ResNet-50's 256 -> 1024 1x1 layers on 14x14, 1 MB of weights: 0.39-0.42 ms
   // -> 0.31-0.34 at 2 threads; whole dense ResNet-50 3% faster, RegNetY-400MF 5%, DenseNet-121,
   // GoogLeNet and ResNet-18 the same within noise).
-  if (npan <= dense_block_panels(K, nr) && mpanels >= 4 * nt) {
-    cparts = 1;
-    rparts = nt;
-  }
+  const bool one_range = npan <= dense_block_panels(K, nr) && mpanels >= 4 * nt;
+  const int64_t cparts = one_range ? 1 : std::min<int64_t>(npan, 8 * nt);
+  const int64_t rparts = one_range ? nt : std::min<int64_t>(mpanels, ceil_div(4 * nt, cparts));
   // Panel range major, as in sparse_gemm: each thread's contiguous run of units keeps one range
   // of weight panels, which stays in its L2 across the column ranges. Column major had both
   // threads stream every panel once per column range: ResNet-50's 14x14 layers (2.4 MB of

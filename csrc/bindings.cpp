@@ -176,6 +176,7 @@ NB_MODULE(_core, mod) {
       .def_prop_ro("M", [](const SparseWeight& w) { return w.M; })
       .def_prop_ro("K", [](const SparseWeight& w) { return w.K; })
       .def_prop_ro("nnz", [](const SparseWeight& w) { return w.nnz(); })
+      .def_prop_ro("four_row_blocks", [](SparseWeight& w) { return w.four_row_blocks(); })
       .def("to_dense", [](const SparseWeight& w, Out out) {
         expect(numel(out) == w.M * w.K, "to_dense: out must hold M*K floats");
         w.to_dense(out.data());

@@ -42,9 +42,11 @@ class FloatBuf {
 };
 
 // The sparse kernel's view of a weight (see SpmmArgs): K cut into blocks, offsets scaled to the
-// packed tile width.
+// packed tile width. rb = 4: a weight whose rows come in groups of four sharing their columns
+// (4x1 block pruning) is kept per block, four weights each (SpmmArgs::rb).
 struct SparseLayout {
   int64_t nblocks = 1, kb = 0;
+  int rb = 1;
   std::vector<int32_t> row_ptr;
   std::vector<uint16_t> off;
   std::vector<float> val;
@@ -57,12 +59,17 @@ struct SparseWeight {
   SparseWeight& operator=(const SparseWeight&) = delete;
   void to_dense(float* out) const;
   int64_t nnz() const { return row_ptr.back(); }
-  // Built once per tile width and kept; call with the GIL held.
-  const SparseLayout& layout_for(int tile_cols);
+  // Built once per tile width and kept; call with the GIL held. With `blocks`, the 4x1 block
+  // layout where four_row_blocks() holds, else the plain one.
+  const SparseLayout& layout_for(int tile_cols, bool blocks = false);
+  // Whether the rows, in groups of four, share their columns closely enough for the 4x1 block
+  // kernel (kBlockFill in gemm.cpp); computed once.
+  bool four_row_blocks();
   int64_t M, K;
   std::vector<int32_t> row_ptr, col;
   std::vector<float> val;
   std::map<int, std::unique_ptr<SparseLayout>> layouts;
+  int blocks_ = -1;  // four_row_blocks(): -1 not yet known
 };
 
 // Rows grouped in panels of kGemmMR, interleaved along K: [panel][k][kGemmMR], zero padded.

@@ -75,6 +75,10 @@ struct SpmmArgs {
   // instead of packing was measured slower: the strided rows span many pages and lines.)
   const float* packed = nullptr;
   int64_t packed_ld = 0;  // floats per tile in `packed` (0: K * spmm_nt)
+  // Rows per block: 1, or 4 for 4x1 blocks (SparseLayout::rb): row_ptr then indexes blocks by
+  // row group (rp_stride = M / 4 + 1), val holds four weights a block, and [m0, m1) and row0
+  // are multiples of 4.
+  int rb = 1;
 };
 
 // One flat signature per kernel family (XNNPACK style); drivers own threading and blocking.

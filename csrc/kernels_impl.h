@@ -253,6 +253,86 @@ static void spmm_block(int nv, const int32_t* rp, const uint16_t* off, const flo
     spmm_tail<kSpmmNV, U, PERM>(nv, rp, off, val, row0, m0, m1, x, tail, y, ldy, mode, ep);
 }
 
+// f32 SpMM over 4x1 blocks (SparseLayout::rb == 4): each block is one column shared by four
+// consecutive rows, so each vector of X loaded serves P rows' multiply-adds instead of one (the
+// unstructured kernel above is bound by those loads). P rows per pass: all four with AVX-512's
+// 32 registers, two passes of two with 16. off and val are per block (val: its four weights);
+// rp indexes blocks by row group. Mode and the residual as in spmm_tile.
+constexpr int kSpmm4Pass = W >= 16 ? 4 : 2;
+template <int NV, bool TAIL>
+static void spmm4_tile(const int32_t* rp, const uint16_t* off, const float* val, int64_t row0,
+                       int64_t m0, int64_t m1, const float* x, int tail, float* y, int64_t ldy,
+                       int mode, const Epilogue& ep) {
+  constexpr int P = kSpmm4Pass;
+  const V lo = Simd::set1(ep.lo), hi = Simd::set1(ep.hi);
+  const bool first = mode & kTileFirst, last = mode & kTileLast;
+  for (int64_t m = m0; m < m1; m += 4) {
+    const int32_t j0 = rp[m / 4], e = rp[m / 4 + 1];
+    for (int q = 0; q < 4; q += P) {
+      V a[P][NV];
+#pragma GCC unroll 4
+      for (int i = 0; i < P; ++i) {
+        const int64_t r = m + q + i - row0;
+        const float* from = first ? (ep.res ? ep.res + r * ep.ld_res : nullptr) : y + r * ldy;
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) {
+          const bool part = TAIL && v == NV - 1;
+          a[i][v] = !from ? Simd::zero() : part ? Simd::loadn(from + v * W, tail) : Simd::load(from + v * W);
+        }
+      }
+      for (int32_t j = j0; j < e; ++j) {
+        const float* xr = x + off[j];
+        const float* w4 = val + 4 * (int64_t)j + q;
+        V xv[NV];
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) xv[v] = Simd::load(xr + v * W);
+#pragma GCC unroll 4
+        for (int i = 0; i < P; ++i) {
+          const V wv = Simd::set1(w4[i]);
+#pragma GCC unroll 8
+          for (int v = 0; v < NV; ++v) a[i][v] = Simd::fma(wv, xv[v], a[i][v]);
+        }
+      }
+#pragma GCC unroll 4
+      for (int i = 0; i < P; ++i) {
+        const int64_t r = m + q + i - row0;
+        float* yr = y + r * ldy;
+        if (last) {
+          const V bias = ep.bias ? Simd::set1(ep.bias[r]) : Simd::zero();
+#pragma GCC unroll 8
+          for (int v = 0; v < NV; ++v) a[i][v] = Simd::add(a[i][v], bias);
+          activate_n<NV>(a[i], ep.act, lo, hi);
+        }
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) {
+          if (TAIL && v == NV - 1) Simd::storen(yr + v * W, a[i][v], tail); else Simd::store(yr + v * W, a[i][v]);
+        }
+      }
+    }
+  }
+}
+
+template <int NV>
+static void spmm4_tail(int nv, const int32_t* rp, const uint16_t* off, const float* val,
+                       int64_t row0, int64_t m0, int64_t m1, const float* x, int tail,
+                       float* y, int64_t ldy, int mode, const Epilogue& ep) {
+  if constexpr (NV >= 1) {
+    if (nv == NV)
+      spmm4_tile<NV, true>(rp, off, val, row0, m0, m1, x, tail, y, ldy, mode, ep);
+    else
+      spmm4_tail<NV - 1>(nv, rp, off, val, row0, m0, m1, x, tail, y, ldy, mode, ep);
+  }
+}
+
+static void spmm4_block(int nv, const int32_t* rp, const uint16_t* off, const float* val,
+                        int64_t row0, int64_t m0, int64_t m1, const float* x, int tail, float* y,
+                        int64_t ldy, int mode, const Epilogue& ep) {
+  if (nv == kSpmmNV && tail == W)
+    spmm4_tile<kSpmmNV, false>(rp, off, val, row0, m0, m1, x, tail, y, ldy, mode, ep);
+  else
+    spmm4_tail<kSpmmNV>(nv, rp, off, val, row0, m0, m1, x, tail, y, ldy, mode, ep);
+}
+
 // Column tiles outer, K blocks inner: the packed X block serves every row while in cache and the
 // output tile stays in cache between K blocks. The block comes from the driver's shared packing
 // when there is one, else it is packed here into `buf`; either way zero padded past `width` so
@@ -296,6 +376,10 @@ static void spmm(const SpmmArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t 
       }
       const int32_t* rp = a.row_ptr + b * a.rp_stride;
       const int mode = (b == 0 ? kTileFirst : 0) | (b + 1 == a.nblocks ? kTileLast : 0);
+      if (a.rb == 4) {
+        spmm4_block(nv, rp, a.off, a.val, a.row0, m0, m1, xb, tail, y + n, ldy, mode, e);
+        continue;
+      }
       // the loop by the average row length in this block over all the weight's rows (kSpmmPermMin,
       // kSpmmShort), not just [m0, m1): the loops add in different orders, so a choice made per
       // row range would make the result depend on how the threads split the rows

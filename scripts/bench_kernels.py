@@ -2,7 +2,8 @@
 
 For every shape, in the same run: onnxruntime (a one-node Conv / MatMul model, ORT_ENABLE_ALL),
 numpy's matmul (OpenBLAS) where the op is a plain GEMM, the dense kernel, and the sparse kernel
-at several sparsities (random unstructured masks). Times are medians over repeats; GFLOP/s are
+at several sparsities (random unstructured masks) and at 90% in 4x1 blocks (block90: four
+consecutive output channels share each kept input, the shape the block kernel runs). Times are medians over repeats; GFLOP/s are
 "effective" (dense FLOPs / time), so a sparse kernel's number is comparable with the dense ones.
 
     python scripts/bench_kernels.py                     # 2 threads, wall clock
@@ -91,6 +92,11 @@ def random_mask(shape, sparsity: float, rng) -> np.ndarray:
     return rng.random(shape) >= sparsity
 
 
+def block_mask(shape, sparsity: float, rng) -> np.ndarray:
+    """4x1 blocks: four consecutive rows (output channels) share each kept column."""
+    return np.repeat(rng.random((shape[0] // 4, shape[1])) >= sparsity, 4, axis=0)
+
+
 def bench_conv(row, args, rng, kernels):
     name, cin, cout, k, stride, h, count = row
     pad = k // 2
@@ -122,6 +128,9 @@ def bench_conv(row, args, rng, kernels):
         ws = w4.reshape(cout, -1) * random_mask((cout, cin * k * k), s, rng)
         ps = kernels.PackedWeight.pack(ws, "sparse")
         res[f"sparse{int(s * 100)}"] = measure(lambda: conv(ps, y), args.repeat, clock)
+    pb = kernels.PackedWeight.pack(w4.reshape(cout, -1) * block_mask((cout, cin * k * k), 0.9, rng),
+                                   "sparse")
+    res["block90"] = measure(lambda: conv(pb, y), args.repeat, clock)
     return res
 
 
@@ -150,6 +159,8 @@ def bench_linear(row, args, rng, kernels, tokens=128):
         ps = kernels.PackedWeight.pack(w * random_mask(w.shape, s, rng), "sparse")
         res[f"sparse{int(s * 100)}"] = measure(lambda: kernels.linear(ps, x, out=y), args.repeat,
                                                clock)
+    pb = kernels.PackedWeight.pack(w * block_mask(w.shape, 0.9, rng), "sparse")
+    res["block90"] = measure(lambda: kernels.linear(pb, x, out=y), args.repeat, clock)
     return res
 
 
@@ -283,7 +294,8 @@ def gmean(values) -> float:
 
 
 def report(title: str, rows: list[dict]) -> dict:
-    cols = ["ort", "numpy", "dense"] + [f"sparse{int(s * 100)}" for s in SPARSITIES]
+    cols = (["ort", "numpy", "dense"] + [f"sparse{int(s * 100)}" for s in SPARSITIES]
+            + (["block90"] if all("block90" in r for r in rows) else []))
     print(f"\n== {title}: effective GFLOP/s (dense FLOPs / median time) ==")
     print(f"{'layer':8s} {'shape':28s} " + " ".join(f"{c:>9s}" for c in cols)
           + f" {'dense/ort':>9s} {'sp90 x':>7s}")
@@ -307,6 +319,11 @@ def report(title: str, rows: list[dict]) -> dict:
         print(f"sparse {int(s * 100)}%: {summary[key + '_vs_dense_geomean']:.2f}x our dense, "
               f"{summary[key + '_vs_ort_geomean']:.2f}x onnxruntime (geomean)")
     print(f"sparse 90% reaches {sp90:.2f}x over dense = {sp90 / 10 * 100:.0f}% of the ideal 10x")
+    if "block90" in cols:  # 4x1 block pruning at 90%: the block kernel
+        summary["block90_vs_dense_geomean"] = gmean([r["dense"] / r["block90"] for r in rows])
+        summary["block90_vs_ort_geomean"] = gmean([r["ort"] / r["block90"] for r in rows])
+        print(f"4x1 blocks 90%: {summary['block90_vs_dense_geomean']:.2f}x our dense, "
+              f"{summary['block90_vs_ort_geomean']:.2f}x onnxruntime (geomean)")
     # crossover: lowest tested sparsity where sparse beats dense on the weighted total
     summary["crossover"] = next((s for s in SPARSITIES
                                  if total.get(f"sparse{int(s * 100)}", 1e9) < total["dense"]), None)

@@ -189,7 +189,9 @@ def analyze_onnx(path: str | os.PathLike) -> dict:
               "layers": layers, "total": _totals(layers, other)}
     engine = _engine_report(path)
     if engine is not None:
-        kinds = {row.get("name"): row.get("kind") for row in engine.get("layers", [])}
+        kinds = {row.get("name"): row.get("kind")
+                 + (f" ({row['blocks']} blocks)" if row.get("blocks") else "")
+                 for row in engine.get("layers", [])}
         for layer in layers:
             layer["engine"] = kinds.get(layer["node"])
         report["engine"] = {k: v for k, v in engine.items() if k != "layers"}

@@ -507,6 +507,9 @@ def _fuse_compute(i, n, nodes, consts, shapes, sole_reader, all_readers, kind, l
         "packed_shape": list(w.shape[:1]) + [int(np.prod(w.shape[1:]))],
         "sparsity": float(1.0 - np.count_nonzero(w) / w.size) if w.size else 0.0,
         "kind": packed_kind, "fused": [nodes[k].op for k in first],
+        # the 4x1 block kernel runs whole row groups, so each conv group must hold whole ones
+        "blocks": "4x1" if pw is not None and pw.row_blocks == 4
+        and (w.shape[0] // int(n.attrs.get("group", 1))) % 4 == 0 else None,
     })
     if dw is not None:
         wd, dn = dw["w"], nodes[dw["used"][0]]

@@ -73,6 +73,9 @@ class PackedWeight:
         self.nnz = nnz
         size = shape[0] * shape[1]
         self.sparsity = 1.0 - nnz / size if size else 0.0
+        # 4 where the rows, in groups of four, share their columns (4x1 block pruning): the
+        # sparse kernel then loads each X vector once for four rows (docs/engine.md)
+        self.row_blocks = 4 if kind == "sparse" and handle.four_row_blocks else 1
 
     @classmethod
     def pack(cls, w2d, kind: str = "auto") -> "PackedWeight":
@@ -101,8 +104,9 @@ class PackedWeight:
         return out
 
     def __repr__(self) -> str:
+        blocks = ", blocks='4x1'" if self.row_blocks == 4 else ""
         return (f"PackedWeight(kind={self.kind!r}, shape={self.shape}, "
-                f"sparsity={self.sparsity:.3f})")
+                f"sparsity={self.sparsity:.3f}{blocks})")
 
 
 def _f32(a, what: str) -> np.ndarray:

@@ -906,3 +906,102 @@ def test_every_kernel_has_a_numpy_twin_with_the_same_signature():
         assert twin is not None, f"reference.{name} is missing"
         assert list(inspect.signature(getattr(kernels, name)).parameters) == \
             list(inspect.signature(twin).parameters), name
+
+
+def block_matrix(rng, m, k, density, fill=1.0):
+    """4x1 blocks: rows in groups of four sharing their columns; `fill` of each block's four
+    weights nonzero."""
+    keep = np.repeat(rng.random((m // 4, k)) < density, 4, axis=0)
+    w = rng.standard_normal((m, k)).astype(np.float32) * keep
+    w *= rng.random((m, k)) < fill
+    return w.astype(np.float32)
+
+
+BLOCK_SHAPES = [  # (M, K, N): tails of the column tile, K blocks, one block row, empty groups
+    (4, 1, 1), (4, 7, 5), (8, 64, 17), (12, 33, 64), (64, 64, 200), (128, 300, 49),
+    (256, 2304, 196), (16, 4500, 70), (1024, 40, 3),
+]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 5])
+@pytest.mark.parametrize("m,k,n", BLOCK_SHAPES)
+def test_sparse_four_row_blocks(isa, m, k, n, threads):
+    # 4x1 block pruning's weights run the block kernel; results as the unstructured ones
+    rng = np.random.default_rng(m + 3 * k + 7 * n)
+    w = block_matrix(rng, m, k, 0.15)
+    w[4:8] = 0.0 if m > 8 else w[4:8]  # a group with no block
+    x = rng.standard_normal((k, n)).astype(np.float32)
+    bias = rng.standard_normal(m).astype(np.float32)
+    res = rng.standard_normal((m, n)).astype(np.float32)
+    pw = kernels.PackedWeight.pack(w, "sparse")
+    assert pw.row_blocks == (4 if np.count_nonzero(w) else 1)
+    before = kernels.get_num_threads()
+    kernels.set_num_threads(threads)
+    try:
+        scale = term_scale(w, x)
+        for act in ("none", "relu", "silu"):
+            close(kernels.gemm(pw, x, bias, act, res), reference.gemm(w, x, bias, act, res),
+                  scale=scale)
+        close(kernels.gemm(pw, x), reference.gemm(w, x), scale=scale)
+        y = res.copy()  # the residual's own buffer as the output
+        kernels.gemm(pw, x, bias, "relu", y, out=y)
+        close(y, reference.gemm(w, x, bias, "relu", res), scale=scale)
+    finally:
+        kernels.set_num_threads(before)
+
+
+def test_four_row_block_detection():
+    rng = np.random.default_rng(5)
+    assert kernels.PackedWeight.pack(block_matrix(rng, 64, 90, 0.1), "sparse").row_blocks == 4
+    # a few zeros inside kept blocks still count as blocks; many do not
+    assert kernels.PackedWeight.pack(block_matrix(rng, 64, 90, 0.1, fill=0.9),
+                                     "sparse").row_blocks == 4
+    assert kernels.PackedWeight.pack(block_matrix(rng, 64, 90, 0.1, fill=0.5),
+                                     "sparse").row_blocks == 1
+    assert kernels.PackedWeight.pack(sparse_matrix(rng, 64, 90, 0.9), "sparse").row_blocks == 1
+    assert kernels.PackedWeight.pack(block_matrix(rng, 64, 90, 0.1)[:62], "sparse").row_blocks == 1
+    assert kernels.PackedWeight.pack(np.zeros((8, 8), np.float32), "sparse").row_blocks == 1
+    assert kernels.PackedWeight.pack(block_matrix(rng, 8, 8, 0.5), "dense").row_blocks == 1
+    assert "4x1" in repr(kernels.PackedWeight.pack(block_matrix(rng, 8, 30, 0.3), "sparse"))
+
+
+@pytest.mark.parametrize("group", [1, 2, 3, 12])
+def test_four_row_blocks_in_grouped_conv(isa, group):
+    # 24 output channels: conv groups of 24, 12 and 8 hold whole row groups and run the block
+    # kernel; groups of 2 split them, and the conv runs the plain layout of the same weight
+    rng = np.random.default_rng(group)
+    m, c, hw = 24, 2 * group, 9
+    w4 = block_matrix(rng, m, (c // group) * 9, 0.3).reshape(m, c // group, 3, 3)
+    x = rng.standard_normal((2, c, hw, hw)).astype(np.float32)
+    bias = rng.standard_normal(m).astype(np.float32)
+    pw = kernels.PackedWeight.pack(w4.reshape(m, -1), "sparse")
+    assert pw.row_blocks == 4
+    got = kernels.conv2d(pw, x, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), group, bias, "relu")
+    want = reference.conv2d(w4.reshape(m, -1), x, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), group,
+                            bias, "relu")
+    close(got, want, scale=float(np.abs(want).max()) + 1.0)
+
+
+def test_engine_reports_and_runs_four_row_blocks():
+    # a Conv + Relu whose weight was pruned in 4x1 blocks: the plan says so, results match
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sparsify.engine import Engine
+
+    rng = np.random.default_rng(11)
+    w = block_matrix(rng, 32, 16 * 9, 0.1).reshape(32, 16, 3, 3)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], "conv", kernel_shape=[3, 3], pads=[1] * 4),
+         helper.make_node("Relu", ["c"], ["y"], "relu")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 12, 12])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32, 12, 12])],
+        [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    engine = Engine(model, threads=2)
+    (layer,) = engine.report()["layers"]
+    assert layer["kind"] == "sparse" and layer["blocks"] == "4x1"
+    x = rng.standard_normal((1, 16, 12, 12)).astype(np.float32)
+    want = np.maximum(reference.conv2d(w.reshape(32, -1), x, (3, 3), (1, 1), (1,) * 4), 0)
+    close(engine.run({"x": x})[0], want, scale=float(np.abs(want).max()) + 1.0)

@@ -573,8 +573,9 @@ const SparseLayout& SparseWeight::layout_for(int tile_cols, bool blocks) {
         for (int64_t i = 0; i < 4; ++i) {  // each row's nonzeros into their blocks' slots
           const int64_t r = 4 * g + i;
           size_t at = 0;
-          for (int32_t j = row_ptr[r]; j < row_ptr[r + 1]; ++j) {
-            if (col[j] < k0 || col[j] >= k1) continue;
+          const int32_t* c = col.data();
+          const int32_t j0 = (int32_t)(std::lower_bound(c + row_ptr[r], c + row_ptr[r + 1], k0) - c);
+          for (int32_t j = j0; j < row_ptr[r + 1] && col[j] < k1; ++j) {
             while (cols[at] != col[j]) ++at;
             l->val[first + 4 * at + i] = val[j];
           }

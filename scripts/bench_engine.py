@@ -5,6 +5,8 @@
 
 Cases (random weights; "90" = the smallest 90% of each weight zeroed by magnitude):
   resnet50_90    torchvision ResNet-50, every Conv but the first 90% sparse, batch 1 and 16
+  resnet50_4x1_90  the same, 90% sparse in 4x1 blocks (four consecutive output channels keep the
+                 same inputs: recipes' mask_type 4x1, which the engine's block kernel runs)
   resnet50_dense the same network with dense weights, batch 1 and 16
   mobilenet_v2_90  MobileNetV2, every 1x1/3x3 Conv but the first and the depthwise ones 90% sparse
   bert_90        a BERT-base-shaped encoder (hidden 768, 12 heads, FFN 3072, sequence 128,
@@ -68,9 +70,12 @@ def _sample(case: str, batch: int):
     return np.random.default_rng(batch).standard_normal((batch, 3, 224, 224)).astype(np.float32)
 
 
-def _prune(model: onnx.ModelProto, sparsity: float, skip_depthwise: bool) -> onnx.ModelProto:
+def _prune(model: onnx.ModelProto, sparsity: float, skip_depthwise: bool,
+           rows: int = 1) -> onnx.ModelProto:
     """Zero the smallest ``sparsity`` of each Conv (but the first) and MatMul weight; the final
-    classifier Gemm stays dense (it is <1% of the work)."""
+    classifier Gemm stays dense (it is <1% of the work). With ``rows`` > 1, Conv weights lose
+    whole blocks of ``rows`` consecutive output channels at one input position, smallest L1
+    norm first (the 4x1 mask of sparsify's recipes)."""
     inits = {t.name: t for t in model.graph.initializer}
     convs_seen = 0
     for node in model.graph.node:
@@ -85,7 +90,15 @@ def _prune(model: onnx.ModelProto, sparsity: float, skip_depthwise: bool) -> onn
         k = int(w.size * sparsity)
         if w.ndim < 2 or k == 0:
             continue
-        w.ravel()[np.argpartition(np.abs(w).ravel(), k - 1)[:k]] = 0
+        if rows > 1 and node.op_type == "Conv" and w.shape[0] % rows == 0:
+            blocks = w.reshape(w.shape[0] // rows, rows, -1)
+            score = np.abs(blocks).sum(axis=1).ravel()
+            drop = np.argpartition(score, k // rows - 1)[:k // rows]
+            keep = np.ones(score.size, bool)
+            keep[drop] = False
+            blocks *= keep.reshape(blocks.shape[0], 1, -1)
+        else:
+            w.ravel()[np.argpartition(np.abs(w).ravel(), k - 1)[:k]] = 0
         inits[node.input[1]].CopyFrom(numpy_helper.from_array(w, node.input[1]))
     return model
 
@@ -94,7 +107,9 @@ def build_file(case: str, workdir: Path, bert_layers: int) -> Path:
     """Export (once) and prune; returns the path of the case's ONNX file."""
     import torch
 
-    base = "bert" if case.startswith("bert") else case.rsplit("_", 1)[0]
+    base = "bert" if case.startswith("bert") else case.split("_")[0]
+    if case.startswith("mobilenet_v2"):
+        base = "mobilenet_v2"
     tag = f"{base}{bert_layers}" if base == "bert" else base
     dense = workdir / f"{tag}_dense.onnx"
     if not dense.exists():
@@ -107,9 +122,11 @@ def build_file(case: str, workdir: Path, bert_layers: int) -> Path:
                               dynamic_axes={name: {0: "batch"}, "output": {0: "batch"}})
     if case.endswith("_dense"):
         return dense
-    path = workdir / f"{tag}_90.onnx"
+    blocks = "_4x1" if "_4x1_" in case else ""
+    path = workdir / f"{tag}{blocks}_90.onnx"
     if not path.exists():
-        model = _prune(onnx.load(str(dense)), 0.9, skip_depthwise=case.startswith("mobilenet"))
+        model = _prune(onnx.load(str(dense)), 0.9, skip_depthwise=case.startswith("mobilenet"),
+                       rows=4 if blocks else 1)
         onnx.save(model, str(path))
     return path
 
@@ -158,6 +175,7 @@ def make_runners(path: Path, case: str, batch: int, threads: int, with_torch: bo
         runners["torch"] = run_torch
     report = engine.report()
     info = {"rel_err_vs_ort": rel, "sparse_layers": report["sparse_layers"], "layers": report["num_layers"],
+            "block_layers": sum(1 for row in report["layers"] if row.get("blocks")),
             "fraction_of_native_ops": report["fraction_of_native_ops"]}
     return runners, info
 
@@ -208,7 +226,8 @@ def print_case(case: str, r: dict) -> None:
             continue
         e = r[key]
         lat = e["latency"]
-        print(f"\n{case} {key}  (engine: {e['sparse_layers']}/{e['layers']} layers sparse, "
+        blocks = f" ({e['block_layers']} in 4x1 blocks)" if e.get("block_layers") else ""
+        print(f"\n{case} {key}  (engine: {e['sparse_layers']}/{e['layers']} layers sparse{blocks}, "
               f"{100 * e['fraction_of_native_ops']:.0f}% ops native; rel. err vs ORT {e['rel_err_vs_ort']:.1e})")
         print(f"  {'runtime':<12} {'mean ms':>9} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'items/s':>9}")
         for k, v in lat.items():
@@ -234,14 +253,16 @@ def main(argv=None) -> int:
     p.add_argument("--all-batches", action="store_true", help="also time MobileNetV2 and BERT at --batch")
     p.add_argument("--bert-layers", type=int, default=12)
     p.add_argument("--only", default=None, help="comma-separated cases: " + ", ".join(
-        ["resnet50_90", "resnet50_dense", "mobilenet_v2_90", "bert_90", "overhead"]))
+        ["resnet50_90", "resnet50_4x1_90", "resnet50_dense", "mobilenet_v2_90", "bert_90",
+         "overhead"]))
     p.add_argument("--no-torch", action="store_true", help="skip torch eager")
     p.add_argument("--workdir", type=Path, default=Path(os.environ.get("SPARSIFY_CACHE_DIR",
                                                                        Path.home() / ".cache" / "sparsify")) / "bench_engine")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    cases = ["resnet50_90", "resnet50_dense", "mobilenet_v2_90", "bert_90", "overhead"]
+    cases = ["resnet50_90", "resnet50_4x1_90", "resnet50_dense", "mobilenet_v2_90", "bert_90",
+             "overhead"]
     if args.only:
         cases = [c.strip() for c in args.only.split(",")]
     from sparsify.engine import kernels

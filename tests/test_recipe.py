@@ -157,6 +157,7 @@ SHIPPED = {
     "resnet18_mnist_prune90.yaml": ("resnet18", 0.9),
     "prune_2of4.yaml": ("resnet18", 0.5),
     "prune_block4_90.yaml": ("resnet18", 0.9),
+    "prune_4x1_90.yaml": ("resnet18", 0.87),  # fc's 10 rows: blocks of 4 prune it coarser
     "transformer_prune80.yaml": ("transformer", 0.8),
     "sparseml_gmp_example.yaml": ("resnet18", 0.8),
 }
@@ -179,6 +180,15 @@ def test_shipped_pruning_recipes_reach_their_targets(name):
     assert sparsity and min(sparsity.values()) >= least - 1e-3
     if model_name == "resnet18":
         assert "conv1.weight" not in sparsity and "fc.weight" in sparsity
+    if name == "prune_4x1_90.yaml":  # every pruned weight in the shape the block kernel runs
+        from sparsify.engine import kernels
+
+        for pname in sparsity:
+            w = dict(model.named_parameters())[pname].detach().numpy()
+            if w.shape[0] % 4:  # the 10-class fc: its last block holds two rows
+                continue
+            packed = kernels.PackedWeight.pack(w.reshape(w.shape[0], -1), "sparse")
+            assert packed.row_blocks == 4, pname
 
 
 def test_a_path_that_is_not_a_recipe_file():

@@ -30,13 +30,20 @@ __all__ = [
     "global_avg_pool", "add_act", "softmax", "layer_norm", "batched_matmul", "attention", "attention_block",
     "retain_freed_memory",
     "set_num_threads",
-    "get_num_threads", "isa", "sparse_wins",
+    "four_row_blocks", "get_num_threads", "isa", "sparse_wins",
 ]
 
 
-def sparse_wins(shape: tuple[int, int], sparsity: float, isa: str | None = None) -> bool:
+def sparse_wins(shape: tuple[int, int], sparsity: float, isa: str | None = None,
+                row_blocks: int = 1) -> bool:
     """Whether the sparse kernel beats the dense one for a weight [M, K] with this sparsity, on
-    the instruction set the core runs (``isa``: the active one by default).
+    the instruction set the core runs (``isa``: the active one by default); ``row_blocks=4`` for
+    a weight in 4x1 blocks (``four_row_blocks``), which the block kernel runs.
+
+    4x1 blocks (ResNet-50's conv shapes, 1 thread, on the AVX-512 Xeon with its AVX-512 and AVX2
+    builds): break-even at 0.2-0.3 on AVX-512 (0.3: every layer but the 7x7 3x3 faster, 1.13x
+    weighted); at 0.4 every layer wins, by 1.10-2.03x (AVX2 build: 1.06-1.51x), so 0.4 on every
+    ISA.
 
     Measured with ``scripts/bench_kernels.py --only crossover`` (1 thread, CPU time, min of
     repeats) on the GEMM form of every ResNet-50 conv and BERT-base linear shape; the
@@ -57,9 +64,23 @@ def sparse_wins(shape: tuple[int, int], sparsity: float, isa: str | None = None)
     89.97%).
     """
     m, k = shape
+    if row_blocks == 4:
+        return sparsity >= 0.4
     if (isa or _core.isa()) == "avx512":
         return sparsity >= (0.55 if k >= 2048 else 0.5)
     return sparsity >= (0.4 if k <= 256 else 0.62 if k < 2048 else 0.65)
+
+
+def four_row_blocks(w: np.ndarray, nnz: int | None = None) -> bool:
+    """Whether a weight [M, K]'s rows, in groups of four, share their columns: its nonzeros fill
+    at least 75% of the 4x1 blocks that hold any (the core's rule, kBlockFill in gemm.cpp, which
+    then runs it with the block kernel)."""
+    m = w.shape[0]
+    nnz = int(np.count_nonzero(w)) if nnz is None else nnz
+    if w.ndim != 2 or m % 4 or nnz == 0:
+        return False
+    held = np.count_nonzero((w != 0).reshape(m // 4, 4, -1).any(axis=1))
+    return nnz >= 0.75 * 4 * held
 
 
 class PackedWeight:
@@ -88,7 +109,8 @@ class PackedWeight:
         nnz = int(np.count_nonzero(w))
         if kind == "auto":
             sparsity = 1.0 - nnz / w.size if w.size else 0.0
-            kind = "sparse" if sparse_wins(w.shape, sparsity) else "dense"
+            blocks = 4 if four_row_blocks(w, nnz) else 1
+            kind = "sparse" if sparse_wins(w.shape, sparsity, row_blocks=blocks) else "dense"
         if kind == "sparse":
             handle = _core.SparseWeight(w)
         elif kind == "dense":

@@ -857,6 +857,25 @@ def test_kernel_choice_follows_the_isa_crossover():
     assert not kernels.sparse_wins((512, 4608), 0.6, isa="portable")
     assert not kernels.sparse_wins((512, 4608), 0.52, isa="avx512")
     assert kernels.sparse_wins((512, 4608), 0.9)  # whatever this machine runs
+    # 4x1 blocks: the block kernel wins from 40% zeros on every ISA
+    for isa in ("avx512", "avx2", "portable"):
+        assert kernels.sparse_wins((512, 4608), 0.4, isa=isa, row_blocks=4)
+        assert not kernels.sparse_wins((512, 4608), 0.35, isa=isa, row_blocks=4)
+
+
+def test_auto_kind_packs_four_row_blocks_sparse_from_forty_percent():
+    rng = np.random.default_rng(9)
+    blocked = block_matrix(rng, 64, 256, 0.55)  # 45% zeros, in 4x1 blocks
+    assert kernels.four_row_blocks(blocked)
+    packed = kernels.PackedWeight.pack(blocked)
+    assert packed.kind == "sparse" and packed.row_blocks == 4
+    loose = sparse_matrix(rng, 64, 256, 0.45)  # the same share of zeros, unstructured
+    assert not kernels.four_row_blocks(loose)
+    assert kernels.PackedWeight.pack(loose).kind == "dense"
+    # the Python rule is the core's
+    for w in (blocked, loose, block_matrix(rng, 64, 90, 0.1, fill=0.8),
+              block_matrix(rng, 64, 90, 0.1, fill=0.7), np.zeros((8, 4), np.float32)):
+        assert kernels.four_row_blocks(w) == (kernels.PackedWeight.pack(w, "sparse").row_blocks == 4)
 
 
 def test_misuse_raises_input_error():

@@ -89,3 +89,26 @@ def test_errors(tmp_path, pruned_lenet):
         analyze(path, model="resnet18")
     with pytest.raises(InputError, match="only matters with --model"):
         analyze(path, data="mnist")
+
+
+def test_onnx_analysis_names_the_layers_the_block_kernel_runs(tmp_path):
+    # a conv pruned in 4x1 blocks (four output channels share their inputs) and one pruned loose
+    import numpy as np
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(16, 16, 1))
+    with torch.no_grad():
+        keep = torch.rand(4, 8 * 9) < 0.1
+        model[0].weight.mul_(keep.repeat_interleave(4, 0).reshape(16, 8, 3, 3))
+        model[2].weight.mul_((torch.rand(16, 16, 1, 1) < 0.1).float())
+    path = tmp_path / "m.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, torch.randn(1, 8, 10, 10), str(path), input_names=["x"],
+                          dynamo=False)
+    report = analyze(path)
+    engines = [x["engine"] for x in report["layers"]]
+    assert engines == ["sparse (4x1 blocks)", "sparse"], engines
+    assert "sparse (4x1 blocks)" in format_report(report)
+    assert np.isclose(report["layers"][0]["sparsity"], 1 - keep.float().mean().item())

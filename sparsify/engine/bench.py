@@ -196,6 +196,7 @@ def format_profile(rows: list, top: int = 15) -> str:
         lines.append(f"    {ms:9.3f} ms {100 * ms / total:5.1f}%  {op}")
     lines.append(f"  slowest {min(top, len(rows))} steps:")
     for r in sorted(rows, key=lambda r: -r["ms"])[:top]:
-        kind = f" [{r['kind']}]" if r.get("kind") else ""
+        blocks = f", {r['blocks']} blocks" if r.get("blocks") else ""
+        kind = f" [{r['kind']}{blocks}]" if r.get("kind") else ""
         lines.append(f"    {r['ms']:9.3f} ms {100 * r['ms'] / total:5.1f}%  {r['op']}{kind}  {r['name']}")
     return "\n".join(lines)

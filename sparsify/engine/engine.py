@@ -86,10 +86,12 @@ class Engine:
 
     def profile(self, feeds: dict, repeats: int = 10) -> list:
         """Where a run spends its time: one row per plan step, in plan order, with its median wall
-        time over ``repeats`` runs after one warm-up run: ``{"name", "op", "ms", "kind"}``.
+        time over ``repeats`` runs after one warm-up run: ``{"name", "op", "ms", "kind",
+        "blocks"}``.
 
         ``op`` names the fused chain (e.g. ``Conv+Add+Relu``); ``kind`` is the layer's kernel
-        (sparse / dense / depthwise) for steps that run a packed weight, else None. The timer
+        (sparse / dense / depthwise) for steps that run a packed weight, else None; ``blocks`` is
+        ``"4x1"`` where the sparse block kernel runs it, else None. The timer
         around each step adds well under a microsecond per step.
         """
         if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats <= 0:
@@ -98,10 +100,13 @@ class Engine:
         times = [[] for _ in self._steps]
         for _ in range(repeats):
             self._execute(feeds, times)
-        kinds = {row["name"]: row["kind"] for row in self.plan.layers}
-        return [{"name": step.name, "op": step.op, "ms": 1e3 * float(np.median(t)),
-                 "kind": kinds.get(step.name.split("+")[0])}
-                for step, t in zip(self.plan.steps, times)]
+        layers = {row["name"]: row for row in self.plan.layers}
+        rows = []
+        for step, t in zip(self.plan.steps, times):
+            layer = layers.get(step.name.split("+")[0], {})
+            rows.append({"name": step.name, "op": step.op, "ms": 1e3 * float(np.median(t)),
+                         "kind": layer.get("kind"), "blocks": layer.get("blocks")})
+        return rows
 
     def _execute(self, feeds: dict, times: list | None = None) -> list:
         """Runs every step; returns the value slots. ``times[k]`` collects step k's durations."""

@@ -1025,3 +1025,8 @@ def test_engine_reports_and_runs_four_row_blocks():
     x = rng.standard_normal((1, 16, 12, 12)).astype(np.float32)
     want = np.maximum(reference.conv2d(w.reshape(32, -1), x, (3, 3), (1, 1), (1,) * 4), 0)
     close(engine.run({"x": x})[0], want, scale=float(np.abs(want).max()) + 1.0)
+    (row,) = engine.profile({"x": x}, repeats=2)
+    assert row["kind"] == "sparse" and row["blocks"] == "4x1"
+    from sparsify.engine.bench import format_profile
+
+    assert "[sparse, 4x1 blocks]" in format_profile([row])

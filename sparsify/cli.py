@@ -109,14 +109,22 @@ def _add_demo_args(parser: argparse.ArgumentParser) -> None:
                         help="where the pruned run goes (default: a folder in the cache)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars")
+    parser.add_argument("--no-engine", action="store_true",
+                        help="stop after pruning: no ONNX export and engine check")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads for the engine and onnxruntime (default: the engine's)")
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    """Train (once, cached) a ResNet-18 on MNIST-5k, prune it to 90%, compare accuracy."""
+    """Train (once, cached) a ResNet-18 on MNIST-5k, prune it to 90%, compare accuracy, export
+    it and check it on the engine against onnxruntime."""
     from sparsify.demo import format_demo, run_demo
 
+    if args.threads is not None and args.threads <= 0:
+        raise InputError(f"--threads must be a positive integer, got {args.threads}")
     result = run_demo(recipe=args.recipe, out=args.out, seed=args.seed,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, engine=not args.no_engine,
+                      threads=args.threads)
     print(format_demo(result))
     return 0
 

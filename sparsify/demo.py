@@ -5,6 +5,9 @@
 2. Fine-tune it under the shipped recipe ``recipes/resnet18_mnist_prune90.yaml`` (every conv
    and linear weight except the first conv pruned to 90%, unstructured, cubic schedule).
 3. Report per-layer sparsity and top-1 accuracy on the 1,000 held-out images, before and after.
+4. Export the pruned model to ONNX (sparse FP32, checked by onnxruntime), run the held-out images
+   through sparsify's engine (top-1, and how far its logits are from torch's), and time the
+   engine against onnxruntime on the same file in the same run at batch 1 and 16.
 """
 
 from __future__ import annotations
@@ -55,6 +58,19 @@ def find_recipe(name: str) -> Path:
 
 
 @dataclass
+class EngineCheck:
+    """Step 4: the exported file on sparsify's engine."""
+    onnx_path: Path
+    top1: float  # on the held-out images, through the engine
+    max_rel_diff: float  # engine logits vs torch's: max |difference| / max |torch logit|
+    sparse_layers: int
+    layers: int
+    threads: int
+    latency: dict[int, dict[str, float]]  # batch -> engine / onnxruntime p50 ms, speedup
+    seconds: float
+
+
+@dataclass
 class DemoResult:
     dense_top1: float
     pruned_top1: float
@@ -65,6 +81,7 @@ class DemoResult:
     recipe: Path
     baseline_cached: bool
     seconds: dict[str, float] = field(default_factory=dict)
+    engine: EngineCheck | None = None
 
 
 def load_baseline(path: Path, spec: dict | None = None):
@@ -103,9 +120,52 @@ def baseline_checkpoint(seed: int = 0, progress: bool = True,
     return path, False
 
 
+def check_on_engine(model, val, out_dir: Path, threads: int | None = None,
+                    batches: tuple[int, ...] = (1, 16), repeats: int = 30) -> EngineCheck:
+    """Export ``model`` to ``out_dir/model.onnx`` (FP32) and run ``val`` through the engine:
+    top-1, distance from torch's logits, and engine vs onnxruntime latency per batch size."""
+    import numpy as np
+    import torch
+
+    from sparsify.engine import Engine
+    from sparsify.engine.bench import benchmark
+    from sparsify.export import export
+
+    t0 = time.perf_counter()
+    x, y = val.inputs, val.labels
+    path = Path(out_dir) / "model.onnx"
+    if path.exists():
+        path.unlink()  # our own file from an earlier run: export refuses to overwrite
+    export(model.eval(), path, x[:1], format="fp32")
+    engine = Engine(path, threads=threads)
+    name = engine.input_names[0]
+    logits = np.concatenate([engine.run({name: x[i:i + 250].numpy()})[0]
+                             for i in range(0, len(x), 250)])
+    with torch.no_grad():
+        ref = model(x).numpy()
+    report = engine.report()
+    latency = {}
+    for batch in batches:
+        r = benchmark(path, batch=batch, threads=threads, repeats=repeats)
+        latency[batch] = {"engine_ms": r["latency"]["engine"]["p50_ms"],
+                          "onnxruntime_ms": r["latency"]["onnxruntime"]["p50_ms"],
+                          "speedup": r["speedup_vs_onnxruntime"]}
+    from sparsify.engine import kernels
+
+    return EngineCheck(
+        onnx_path=path, top1=100.0 * float((logits.argmax(1) == y.numpy()).mean()),
+        max_rel_diff=float(np.abs(logits - ref).max() / max(float(np.abs(ref).max()), 1e-30)),
+        sparse_layers=report["sparse_layers"], layers=report["num_layers"],
+        threads=threads or kernels.get_num_threads(), latency=latency,
+        seconds=time.perf_counter() - t0)
+
+
 def run_demo(recipe: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
-             seed: int = 0, progress: bool = True) -> DemoResult:
-    """Baseline (cached), prune under ``recipe`` (default: the shipped 90% recipe), compare."""
+             seed: int = 0, progress: bool = True, engine: bool = True,
+             threads: int | None = None) -> DemoResult:
+    """Baseline (cached), prune under ``recipe`` (default: the shipped 90% recipe), compare;
+    with ``engine``, export the result and check it on sparsify's engine (``check_on_engine``,
+    ``threads`` for the engine and onnxruntime: default, the engine's)."""
     recipe_path = Path(recipe) if recipe else find_recipe(DEMO_RECIPE)
     t0 = time.perf_counter()
     baseline, cached = baseline_checkpoint(seed, progress)
@@ -122,11 +182,13 @@ def run_demo(recipe: str | os.PathLike | None = None, out: str | os.PathLike | N
         model=BASELINE["model_name"], data=BASELINE["data_name"], out=run_dir, seed=seed,
         progress=progress))
     t2 = time.perf_counter()
+    checked = check_on_engine(result.model, val, run_dir, threads) if engine else None
     return DemoResult(
         dense_top1=dense_top1, pruned_top1=result.metrics[-1]["val_top1"],
         layers=result.sparsity, overall_sparsity=result.overall_sparsity,
         baseline_path=baseline, out=run_dir, recipe=recipe_path, baseline_cached=cached,
-        seconds={"baseline": t1 - t0, "prune": t2 - t1, "total": t2 - t0})
+        seconds={"baseline": t1 - t0, "prune": t2 - t1, "total": time.perf_counter() - t0},
+        engine=checked)
 
 
 def format_demo(r: DemoResult) -> str:
@@ -150,4 +212,17 @@ def format_demo(r: DemoResult) -> str:
         f"pruned {r.pruned_top1:.2f}%  ({r.pruned_top1 - r.dense_top1:+.2f} points)",
         f"fine-tuning took {r.seconds['prune']:.0f} s",
     ]
+    e = r.engine
+    if e is not None:
+        lines += [
+            "",
+            f"exported  {e.onnx_path} (sparse FP32, checked by onnxruntime)",
+            f"engine    {e.sparse_layers} of {e.layers} weight layers run sparse; top-1 on the "
+            f"held-out images {e.top1:.2f}% (torch {r.pruned_top1:.2f}%),",
+            f"{'':<10}logits within {e.max_rel_diff:.1e} of torch's (max |difference| / max |logit|)",
+        ]
+        for batch, t in e.latency.items():
+            lines.append(f"{'latency' if batch == min(e.latency) else '':<10}batch {batch:<3} "
+                         f"engine {t['engine_ms']:7.2f} ms   onnxruntime {t['onnxruntime_ms']:7.2f}"
+                         f" ms   {t['speedup']:.2f}x  ({e.threads} threads, medians, same run)")
     return "\n".join(lines)

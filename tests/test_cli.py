@@ -65,6 +65,10 @@ def test_missing_checkpoint(capsys, files):
                    r"checkpoint .*nope\.pt does not exist")
 
 
+def test_demo_threads_must_be_positive(capsys):
+    one_line_error(capsys, ["demo", "--threads", "0"], r"--threads must be a positive integer")
+
+
 def test_checkpoint_that_does_not_fit_the_model(capsys, files):
     line = one_line_error(capsys, apply_args(files, files["wrong"]),
                           r"does not fit model LeNet: missing keys: features\.0\.weight")

@@ -56,8 +56,9 @@ def test_demo_flow_trains_once_then_reuses_the_cache(monkeypatch, tmp_path):
                                            "weight_decay": 0.0})
     recipe = tmp_path / "r.yaml"
     recipe.write_text(SMALL_RECIPE)
-    first = demo.run_demo(recipe=recipe, progress=False)
+    first = demo.run_demo(recipe=recipe, progress=False, engine=False)
     assert not first.baseline_cached and first.baseline_path.is_file()
+    assert first.engine is None and "onnxruntime" not in demo.format_demo(first)
     assert first.dense_top1 > 80.0
     for name, layer in first.layers.items():
         target = 0 if name == "features.0.weight" else round(0.9 * layer["numel"])
@@ -68,3 +69,14 @@ def test_demo_flow_trains_once_then_reuses_the_cache(monkeypatch, tmp_path):
     assert "cached" in text and "features.3.weight" in text and "90.00%" in text
     assert f"dense {second.dense_top1:.2f}%" in text
     assert (second.out / "model.pt").is_file()
+    # step 4: the pruned model exported and run on the engine, timed against onnxruntime
+    e = second.engine
+    assert e.onnx_path == second.out / "model.onnx" and e.onnx_path.is_file()
+    assert e.max_rel_diff < 1e-4 and abs(e.top1 - second.pruned_top1) <= 0.5
+    assert e.sparse_layers >= 1 and e.layers >= e.sparse_layers
+    assert sorted(e.latency) == [1, 16]
+    for t in e.latency.values():
+        assert t["engine_ms"] > 0 and t["onnxruntime_ms"] > 0
+        assert abs(t["speedup"] - t["onnxruntime_ms"] / t["engine_ms"]) < 1e-9
+    assert f"{e.top1:.2f}%" in text or f"{e.top1:.2f}%" in demo.format_demo(second)
+    assert "onnxruntime" in demo.format_demo(second)

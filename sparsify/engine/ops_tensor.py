@@ -348,6 +348,12 @@ def _reduce(fn, data, axes, keepdims, noop_with_empty_axes):
 
 def ReduceMean(data, axes=None, keepdims=1, noop_with_empty_axes=0):
     # `axes` is an attribute before opset 18 and an input from 18: both arrive here the same way
+    if (data.ndim == 4 and data.dtype == np.float32 and axes is not None and np.size(axes) == 2
+            and _axes(axes, 4) == (2, 3) and data.shape[2] * data.shape[3] > 0):
+        # a global average pool (torch's x.mean((2, 3))): the core's kernel, as GlobalAveragePool
+        # runs; numpy's two-axis mean took 11 us on [1, 512, 2, 2]
+        pooled = kernels.global_avg_pool(data)
+        return pooled.reshape(data.shape[:2] + ((1, 1) if keepdims else ()))
     return _reduce(np.mean, data, axes, keepdims, noop_with_empty_axes).astype(data.dtype, copy=False)
 
 

@@ -141,6 +141,10 @@ case("IsInf", [np.array([1.0, np.nan, np.inf, -np.inf], np.float32)], {"detect_n
 case("ReduceMean", [f(2, 3, 4), Init(i64(1, -1))], opset=18, id="ReduceMean-axes-input")
 case("ReduceMean", [f(2, 3, 4)], {"axes": [1], "keepdims": 0}, opset=13, id="ReduceMean-axes-attr")
 case("ReduceMean", [f(2, 3, 4)], opset=18, id="ReduceMean-all")
+# the spatial mean of NCHW (torch's x.mean((2, 3))) runs the core's global average pool
+case("ReduceMean", [f(2, 5, 3, 7), Init(i64(2, 3))], opset=18, id="ReduceMean-spatial")
+case("ReduceMean", [f(2, 5, 3, 7), Init(i64(-1, -2))], {"keepdims": 0}, opset=18,
+     id="ReduceMean-spatial-flat")
 case("ReduceSum", [f(2, 3, 4), Init(i64(2))], {"keepdims": 0})
 case("ReduceSum", [f(2, 3, 4), Init(np.zeros(0, np.int64))], {"noop_with_empty_axes": 1}, id="ReduceSum-noop")
 case("ReduceMax", [f(2, 3, 4)], {"axes": [0, 2]})

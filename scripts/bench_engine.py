@@ -6,7 +6,8 @@
 Cases (random weights; "90" = the smallest 90% of each weight zeroed by magnitude):
   resnet50_90    torchvision ResNet-50, every Conv but the first 90% sparse, batch 1 and 16
   resnet50_4x1_90  the same, 90% sparse in 4x1 blocks (four consecutive output channels keep the
-                 same inputs: recipes' mask_type 4x1, which the engine's block kernel runs)
+                 same inputs: recipes' mask_type 4x1, which the engine's block kernel runs);
+                 also mobilenet_v2_4x1_90 and bert_4x1_90
   resnet50_dense the same network with dense weights, batch 1 and 16
   mobilenet_v2_90  MobileNetV2, every 1x1/3x3 Conv but the first and the depthwise ones 90% sparse
   bert_90        a BERT-base-shaped encoder (hidden 768, 12 heads, FFN 3072, sequence 128,
@@ -90,13 +91,20 @@ def _prune(model: onnx.ModelProto, sparsity: float, skip_depthwise: bool,
         k = int(w.size * sparsity)
         if w.ndim < 2 or k == 0:
             continue
-        if rows > 1 and node.op_type == "Conv" and w.shape[0] % rows == 0:
-            blocks = w.reshape(w.shape[0] // rows, rows, -1)
-            score = np.abs(blocks).sum(axis=1).ravel()
-            drop = np.argpartition(score, k // rows - 1)[:k // rows]
-            keep = np.ones(score.size, bool)
-            keep[drop] = False
-            blocks *= keep.reshape(blocks.shape[0], 1, -1)
+        # output channels: a Conv weight's first axis, a MatMul weight's ([in, out]) last
+        out_axis = 0 if node.op_type == "Conv" else w.ndim - 1
+        if rows > 1 and w.shape[out_axis] % rows == 0:
+            if out_axis == 0:
+                blocks = w.reshape(w.shape[0] // rows, rows, -1)  # [O/4, 4, rest]
+                score = np.abs(blocks).sum(axis=1)
+            else:
+                blocks = w.reshape(-1, w.shape[-1] // rows, rows)  # [in, out/4, 4]
+                score = np.abs(blocks).sum(axis=2)
+            flat = score.ravel()
+            keep = np.ones(flat.size, bool)
+            keep[np.argpartition(flat, k // rows - 1)[:k // rows]] = False
+            keep = keep.reshape(score.shape)
+            blocks *= keep[:, None, :] if out_axis == 0 else keep[:, :, None]
         else:
             w.ravel()[np.argpartition(np.abs(w).ravel(), k - 1)[:k]] = 0
         inits[node.input[1]].CopyFrom(numpy_helper.from_array(w, node.input[1]))

@@ -65,19 +65,31 @@ def export_onnx(name: str, path) -> None:
                           dynamic_axes={input_name: {0: "batch"}, "output": {0: "batch"}})
 
 
-def prune_onnx(src, dst, sparsity: float = SPARSITY) -> None:
-    """Zero the smallest-magnitude ``sparsity`` of every Conv/Gemm/MatMul weight initializer."""
+def prune_onnx(src, dst, sparsity: float = SPARSITY, blocks: bool = False) -> None:
+    """Zero the smallest-magnitude ``sparsity`` of every Conv/Gemm/MatMul weight initializer;
+    with ``blocks``, Conv and MatMul weights lose whole 4x1 blocks (four consecutive output
+    channels at one input position, smallest L1 norm first), which the engine's block kernel
+    runs."""
     model = onnx.load(str(src))
     inits = {t.name: t for t in model.graph.initializer}
-    weights = {n.input[1] for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")
-               and len(n.input) > 1 and n.input[1] in inits}
-    for name in sorted(weights):
+    weights = {n.input[1]: n.op_type for n in model.graph.node
+               if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1
+               and n.input[1] in inits}
+    for name, op in sorted(weights.items()):
         w = numpy_helper.to_array(inits[name]).copy()
         k = int(w.size * sparsity)
         if w.ndim < 2 or k == 0:
             continue
-        flat = np.abs(w).ravel()
-        w.ravel()[np.argpartition(flat, k - 1)[:k]] = 0
+        # output channels: a Conv weight's first axis, a MatMul weight's ([in, out]) last
+        if blocks and op in ("Conv", "MatMul") and w.shape[0 if op == "Conv" else -1] % 4 == 0:
+            groups = (w.reshape(w.shape[0] // 4, 4, -1) if op == "Conv"
+                      else w.reshape(-1, w.shape[-1] // 4, 4).transpose(0, 2, 1))
+            score = np.abs(groups).sum(axis=1)  # [blocks of 4 rows, positions]
+            drop = np.zeros(score.size, bool)
+            drop[np.argpartition(score.ravel(), k // 4 - 1)[:k // 4]] = True
+            groups *= ~drop.reshape(score.shape)[:, None, :]  # views of w: zeroes w in place
+        else:
+            w.ravel()[np.argpartition(np.abs(w).ravel(), k - 1)[:k]] = 0
         inits[name].CopyFrom(numpy_helper.from_array(w, name))
     onnx.save(model, str(dst))
 
@@ -96,8 +108,8 @@ def model_file(tmp_path_factory):
                 export_onnx(name, dense)
             made[(name, False)] = dense
             if pruned:
-                made[key] = root / f"{name}_pruned.onnx"
-                prune_onnx(dense, made[key])
+                made[key] = root / f"{name}_pruned{'_4x1' if pruned == '4x1' else ''}.onnx"
+                prune_onnx(dense, made[key], blocks=pruned == "4x1")
         return made[key]
 
     return get
@@ -118,7 +130,8 @@ def _check(name, model_file, onnx_check, pruned: bool, batch: int = 1):
     engine = Engine(path, threads=1)
     feeds = _feeds(name, path, batch)
     got, want = engine.run(feeds), onnx_check.ort_run(path, feeds)
-    onnx_check.assert_same(got, want, TOL, what=f"{name} {'pruned' if pruned else 'dense'}")
+    what = {False: "dense", True: "pruned", "4x1": "pruned in 4x1 blocks"}[pruned]
+    onnx_check.assert_same(got, want, TOL, what=f"{name} {what}")
     report = engine.report()
     if pruned:
         assert report["sparse_layers"] > 0, report["layers"]
@@ -129,6 +142,13 @@ def _check(name, model_file, onnx_check, pruned: bool, batch: int = 1):
 @pytest.mark.parametrize("name", FAST)
 def test_model_matches_onnxruntime(name, pruned, model_file, onnx_check):
     _check(name, model_file, onnx_check, pruned)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "transformer"])
+def test_model_pruned_in_4x1_blocks_runs_the_block_kernel(name, model_file, onnx_check):
+    report = _check(name, model_file, onnx_check, "4x1")
+    blocked = [row["name"] for row in report["layers"] if row.get("blocks") == "4x1"]
+    assert len(blocked) >= report["sparse_layers"] - 2, report["layers"]  # fc/Gemm: unstructured
 
 
 @pytest.mark.slow

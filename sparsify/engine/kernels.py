@@ -64,6 +64,8 @@ def sparse_wins(shape: tuple[int, int], sparsity: float, isa: str | None = None,
     89.97%).
     """
     m, k = shape
+    if row_blocks not in (1, 4):
+        raise InputError(f"sparse_wins: row_blocks must be 1 or 4 (4x1 blocks), got {row_blocks!r}")
     if row_blocks == 4:
         return sparsity >= 0.4
     if (isa or _core.isa()) == "avx512":
@@ -75,9 +77,12 @@ def four_row_blocks(w: np.ndarray, nnz: int | None = None) -> bool:
     """Whether a weight [M, K]'s rows, in groups of four, share their columns: its nonzeros fill
     at least 75% of the 4x1 blocks that hold any (the core's rule, kBlockFill in gemm.cpp, which
     then runs it with the block kernel)."""
+    w = np.asarray(w)
+    if w.ndim != 2:
+        raise InputError(f"four_row_blocks needs a 2-D weight [M, K], got shape {w.shape}")
     m = w.shape[0]
     nnz = int(np.count_nonzero(w)) if nnz is None else nnz
-    if w.ndim != 2 or m % 4 or nnz == 0:
+    if m % 4 or nnz == 0:
         return False
     held = np.count_nonzero((w != 0).reshape(m // 4, 4, -1).any(axis=1))
     return nnz >= 0.75 * 4 * held

@@ -872,6 +872,10 @@ def test_auto_kind_packs_four_row_blocks_sparse_from_forty_percent():
     loose = sparse_matrix(rng, 64, 256, 0.45)  # the same share of zeros, unstructured
     assert not kernels.four_row_blocks(loose)
     assert kernels.PackedWeight.pack(loose).kind == "dense"
+    with pytest.raises(InputError, match="2-D weight"):
+        kernels.four_row_blocks(np.zeros(8, np.float32))
+    with pytest.raises(InputError, match="row_blocks must be 1 or 4"):
+        kernels.sparse_wins((8, 8), 0.9, row_blocks=2)
     # the Python rule is the core's
     for w in (blocked, loose, block_matrix(rng, 64, 90, 0.1, fill=0.8),
               block_matrix(rng, 64, 90, 0.1, fill=0.7), np.zeros((8, 4), np.float32)):

@@ -82,10 +82,11 @@ void pack_shared_tiles(const float* x, const int64_t* koff, int64_t cs, int64_t 
   });
 }
 
-// Few columns and a long K (ResNet-50's 7x7 layers: 49 columns, K up to 4608): each thread runs
-// every row over its own range of K blocks, so it reads only its part of X (which then fits in
-// its L2) and reuses each X vector for all rows; row ranges over the whole of X measured 1.0-1.2x
-// of one thread. Thread 0 sums into y starting from the residual (as the tile kernel does, so y
+// Few columns and a long K (ResNet-50's 7x7 layers: 49 columns, K up to 4608), or column tiles
+// that would share out unevenly (14x14 planes, see sparse_gemm): each thread runs every row over
+// its own range of K blocks, so it reads only its part of X (which then fits in its L2) and
+// reuses each X vector for all rows; row ranges over the whole of X measured 1.0-1.2x of one
+// thread on 7x7 planes. X comes packed once for all (a.packed) or each part packs its own. Thread 0 sums into y starting from the residual (as the tile kernel does, so y
 // may be the residual's buffer), the others into scratch; one pass adds them up and applies the
 // bias and activation.
 void split_k(const KernelTable& kt, const SpmmArgs& a, const SparseLayout& l, int64_t m0,
@@ -103,7 +104,7 @@ void split_k(const KernelTable& kt, const SpmmArgs& a, const SparseLayout& l, in
     s.nblocks = b1 - b0;
     s.koff = a.koff + b0 * l.kb;
     s.K = std::min(a.K, b1 * l.kb) - b0 * l.kb;
-    s.packed = a.packed + b0 * l.kb * kt.spmm_nt;
+    s.packed = a.packed ? a.packed + b0 * l.kb * kt.spmm_nt : nullptr;  // else packed per part
     float* dst = p == 0 ? y : partial + (p - 1) * rows * n;
     kt.spmm(s, m0, m0 + rows, 0, n, dst, p == 0 ? ldy : n, p == 0 ? first : none,
             t_tile.get(tile_floats));
@@ -214,10 +215,16 @@ void sparse_gemm(const SparseWeight& w, const SparseLayout& l, int64_t m0, int64
     int64_t rparts = std::min<int64_t>(4, ceil_div(2 * nt, cchunks));
     // The pool gives each thread a contiguous run of units; where the column chunks would share
     // out unevenly (ResNet-50's 14x14 planes: 3 whole tiles and a quarter one, 2 + 1.25 on 2
-    // threads), each thread takes a row range over all columns instead, balanced by nonzeros,
-    // at the price of packing every X tile once per thread: those layers ran 1.16-1.43x faster
-    // at 2 threads. Where the chunks share out within 10% (28x28 and 56x56 planes) the extra
-    // packing lost 10-35% (AVX-512).
+    // threads), each thread takes a range of the K blocks over all rows and columns (split_k)
+    // where there is a block per thread, else a row range over all columns, balanced by
+    // nonzeros, at the price of packing every X tile once per thread (those layers ran
+    // 1.16-1.43x faster that way than with uneven chunks). split_k reads each X row on one
+    // thread only, the one that (splitting the layer before by its rows) wrote it, and leaves
+    // each core the residual rows its next 1x1 layer reads: in-process A/B at 2 threads,
+    // ResNet-50 90% 11.08 -> 10.84 ms (its 14x14 1024 -> 256 layers 0.127 -> 0.096), in 4x1
+    // blocks 9.39 -> 8.96 (the 256 -> 1024 + residual after them 0.114 -> 0.063), MobileNetV2
+    // 90% 2.97 -> 2.86; the 14x14 3x3 layers the same. Where the chunks share out within 10%
+    // (28x28 and 56x56 planes) the extra packing of row ranges lost 10-35% (AVX-512).
     if (rparts == 1) {
       auto vecs = [&](int64_t c0, int64_t c1) {  // vectors of column chunks [c0, c1)
         const int64_t a = std::min(n, ntiles * c0 / cchunks * kt.spmm_nt);
@@ -228,6 +235,7 @@ void sparse_gemm(const SparseWeight& w, const SparseLayout& l, int64_t m0, int64
       for (int64_t t = 0; t < nt; ++t)
         most = std::max(most, vecs(split_point(cchunks, nt, t), split_point(cchunks, nt, t + 1)));
       if (10 * most * nt > 11 * nvec) {
+        if (l.nblocks >= nt) return split_k(kt, a, l, m0, rows, n, nt, y, ldy, ep, tile_floats);
         cchunks = 1;
         rparts = nt;
       }

@@ -47,6 +47,7 @@ class FloatBuf {
 struct SparseLayout {
   int64_t nblocks = 1, kb = 0;
   int rb = 1;
+  int tile_cols = 0;  // columns of the packed X tile the offsets are scaled to
   std::vector<int32_t> row_ptr;
   std::vector<uint16_t> off;
   std::vector<float> val;

@@ -79,6 +79,9 @@ struct SpmmArgs {
   // row group (rp_stride = M / 4 + 1), val holds four weights a block, and [m0, m1) and row0
   // are multiples of 4.
   int rb = 1;
+  // Vectors per column tile: the layout's (SparseLayout::tile_cols / simd_width), 0 or the
+  // default kSpmmNV (spmm_nt columns), or 1 (the narrow layout).
+  int tile_nv = 0;
 };
 
 // One flat signature per kernel family (XNNPACK style); drivers own threading and blocking.

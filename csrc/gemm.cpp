@@ -104,7 +104,7 @@ void split_k(const KernelTable& kt, const SpmmArgs& a, const SparseLayout& l, in
     s.nblocks = b1 - b0;
     s.koff = a.koff + b0 * l.kb;
     s.K = std::min(a.K, b1 * l.kb) - b0 * l.kb;
-    s.packed = a.packed ? a.packed + b0 * l.kb * kt.spmm_nt : nullptr;  // else packed per part
+    s.packed = a.packed ? a.packed + b0 * l.kb * l.tile_cols : nullptr;  // else packed per part
     float* dst = p == 0 ? y : partial + (p - 1) * rows * n;
     kt.spmm(s, m0, m0 + rows, 0, n, dst, p == 0 ? ldy : n, p == 0 ? first : none,
             t_tile.get(tile_floats));
@@ -156,11 +156,12 @@ void sparse_gemm(const SparseWeight& w, const SparseLayout& l, int64_t m0, int64
   SpmmArgs a{l.row_ptr.data(), w.M / l.rb + 1, l.off.data(), l.val.data(), m0, l.nblocks, l.kb,
              w.K, koff, x, cs};
   a.rb = l.rb;
+  a.tile_nv = (int)(l.tile_cols / kt.simd_width);
   const int32_t* pre = w.row_ptr.data();  // nonzeros before each row, to balance threads
   const int64_t nnz = pre[m0 + rows] - pre[m0];
   int nt = num_threads();
   if ((nnz + rows) * n < kSerialWork) nt = 1;
-  const int64_t tile_floats = std::min(l.kb, w.K) * kt.spmm_nt + 64;
+  const int64_t tile_floats = std::min(l.kb, w.K) * l.tile_cols + 64;
   if (nt == 1) {
     kt.spmm(a, m0, m0 + rows, 0, n, y, ldy, ep, t_tile.get(tile_floats));
     return;
@@ -178,7 +179,7 @@ void sparse_gemm(const SparseWeight& w, const SparseLayout& l, int64_t m0, int64
     }
     return std::min(rows, (lo + l.rb / 2) / l.rb * l.rb);
   };
-  const int64_t vw = kt.simd_width, per_tile = kt.spmm_nt / vw, nvec = ceil_div(n, vw);
+  const int64_t vw = kt.simd_width, per_tile = l.tile_cols / vw, nvec = ceil_div(n, vw);
   const int64_t ntiles = ceil_div(nvec, per_tile);
   // one unit per thread: row range u / c x column range u % c, cut at whole vectors
   auto grid = [&](int64_t r) {
@@ -227,8 +228,8 @@ void sparse_gemm(const SparseWeight& w, const SparseLayout& l, int64_t m0, int64
     // (28x28 and 56x56 planes) the extra packing of row ranges lost 10-35% (AVX-512).
     if (rparts == 1) {
       auto vecs = [&](int64_t c0, int64_t c1) {  // vectors of column chunks [c0, c1)
-        const int64_t a = std::min(n, ntiles * c0 / cchunks * kt.spmm_nt);
-        const int64_t b = std::min(n, ntiles * c1 / cchunks * kt.spmm_nt);
+        const int64_t a = std::min(n, ntiles * c0 / cchunks * l.tile_cols);
+        const int64_t b = std::min(n, ntiles * c1 / cchunks * l.tile_cols);
         return ceil_div(b, vw) - ceil_div(a, vw);
       };
       int64_t most = 0;
@@ -245,8 +246,8 @@ void sparse_gemm(const SparseWeight& w, const SparseLayout& l, int64_t m0, int64
     // gave both threads every row of BERT's FFN weights (1.4 MB each at 90%): 12% slower.
     parallel_for(cchunks * rparts, [&](int64_t i) {
       const int64_t r = i / cchunks, c = i % cchunks;
-      const int64_t c0 = std::min(n, ntiles * c / cchunks * kt.spmm_nt);
-      const int64_t c1 = std::min(n, ntiles * (c + 1) / cchunks * kt.spmm_nt);
+      const int64_t c0 = std::min(n, ntiles * c / cchunks * l.tile_cols);
+      const int64_t c1 = std::min(n, ntiles * (c + 1) / cchunks * l.tile_cols);
       const int64_t r0 = split(r, rparts), r1 = split(r + 1, rparts);
       if (c1 > c0 && r1 > r0)
         kt.spmm(a, m0 + r0, m0 + r1, c0, c1, y, ldy, ep, t_tile.get(tile_floats));
@@ -255,7 +256,7 @@ void sparse_gemm(const SparseWeight& w, const SparseLayout& l, int64_t m0, int64
   }
   // few columns: X tiles packed once here, shared by all threads (each range packing its own
   // copy cost 8 copies of X at 2 threads)
-  const int64_t NT = kt.spmm_nt;
+  const int64_t NT = l.tile_cols;
   float* sh = t_shared.get(ceil_div(n, NT) * w.K * NT);
   pack_shared_tiles(x, koff, cs, w.K, n, NT, sh);
   a.packed = sh;
@@ -565,6 +566,7 @@ const SparseLayout& SparseWeight::layout_for(int tile_cols, bool blocks) {
   auto& slot = layouts[blocks ? -tile_cols : tile_cols];
   if (slot) return *slot;
   auto l = std::make_unique<SparseLayout>();
+  l->tile_cols = tile_cols;
   // K blocks small enough that one packed tile (kb x tile_cols floats) stays in L2
   const int64_t kb_max =
       std::max<int64_t>(1, (blocks ? kSpmmBlockTileBytes : kSpmmTileBytes) / (4 * tile_cols));

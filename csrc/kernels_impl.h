@@ -243,14 +243,14 @@ static void spmm_tail(int nv, const int32_t* rp, const uint16_t* off, const floa
   }
 }
 
-template <int U, bool PERM>
+template <int TNV, int U, bool PERM>
 static void spmm_block(int nv, const int32_t* rp, const uint16_t* off, const float* val,
                        int64_t row0, int64_t m0, int64_t m1, const float* x, int tail, float* y,
                        int64_t ldy, int mode, const Epilogue& ep) {
-  if (nv == kSpmmNV && tail == W)
-    spmm_tile<kSpmmNV, U, false, PERM>(rp, off, val, row0, m0, m1, x, tail, y, ldy, mode, ep);
+  if (nv == TNV && tail == W)
+    spmm_tile<TNV, U, false, PERM>(rp, off, val, row0, m0, m1, x, tail, y, ldy, mode, ep);
   else
-    spmm_tail<kSpmmNV, U, PERM>(nv, rp, off, val, row0, m0, m1, x, tail, y, ldy, mode, ep);
+    spmm_tail<TNV, U, PERM>(nv, rp, off, val, row0, m0, m1, x, tail, y, ldy, mode, ep);
 }
 
 // f32 SpMM over 4x1 blocks (SparseLayout::rb == 4): each block is one column shared by four
@@ -324,22 +324,24 @@ static void spmm4_tail(int nv, const int32_t* rp, const uint16_t* off, const flo
   }
 }
 
+template <int TNV>
 static void spmm4_block(int nv, const int32_t* rp, const uint16_t* off, const float* val,
                         int64_t row0, int64_t m0, int64_t m1, const float* x, int tail, float* y,
                         int64_t ldy, int mode, const Epilogue& ep) {
-  if (nv == kSpmmNV && tail == W)
-    spmm4_tile<kSpmmNV, false>(rp, off, val, row0, m0, m1, x, tail, y, ldy, mode, ep);
+  if (nv == TNV && tail == W)
+    spmm4_tile<TNV, false>(rp, off, val, row0, m0, m1, x, tail, y, ldy, mode, ep);
   else
-    spmm4_tail<kSpmmNV>(nv, rp, off, val, row0, m0, m1, x, tail, y, ldy, mode, ep);
+    spmm4_tail<TNV>(nv, rp, off, val, row0, m0, m1, x, tail, y, ldy, mode, ep);
 }
 
 // Column tiles outer, K blocks inner: the packed X block serves every row while in cache and the
 // output tile stays in cache between K blocks. The block comes from the driver's shared packing
 // when there is one, else it is packed here into `buf`; either way zero padded past `width` so
 // partial vectors can be read whole.
-static void spmm(const SpmmArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1, float* y,
-                 int64_t ldy, const Epilogue& ep, float* buf) {
-  constexpr int NT = kSpmmNV * W;
+template <int TNV>
+static void spmm_t(const SpmmArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1, float* y,
+                   int64_t ldy, const Epilogue& ep, float* buf) {
+  constexpr int NT = TNV * W;
   Epilogue e = ep;
   for (int64_t n = n0; n < n1; n += NT) {
     const int64_t width = imin(NT, n1 - n);
@@ -377,19 +379,28 @@ static void spmm(const SpmmArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t 
       const int32_t* rp = a.row_ptr + b * a.rp_stride;
       const int mode = (b == 0 ? kTileFirst : 0) | (b + 1 == a.nblocks ? kTileLast : 0);
       if (a.rb == 4) {
-        spmm4_block(nv, rp, a.off, a.val, a.row0, m0, m1, xb, tail, y + n, ldy, mode, e);
+        spmm4_block<TNV>(nv, rp, a.off, a.val, a.row0, m0, m1, xb, tail, y + n, ldy, mode, e);
         continue;
       }
       // the loop by the average row length in this block over all the weight's rows (kSpmmPermMin,
       // kSpmmShort), not just [m0, m1): the loops add in different orders, so a choice made per
       // row range would make the result depend on how the threads split the rows
       const int64_t rows = a.rp_stride - 1, nnz = rp[rows] - rp[0];
-      const auto block = kSpmmPerm && nnz >= kSpmmPermMin * rows ? &spmm_block<kSpmmU, true>
-                         : nnz < kSpmmShort * rows               ? &spmm_block<1, false>
-                                                                 : &spmm_block<kSpmmU, false>;
+      const auto block = kSpmmPerm && nnz >= kSpmmPermMin * rows ? &spmm_block<TNV, kSpmmU, true>
+                         : nnz < kSpmmShort * rows               ? &spmm_block<TNV, 1, false>
+                                                                 : &spmm_block<TNV, kSpmmU, false>;
       block(nv, rp, a.off, a.val, a.row0, m0, m1, xb, tail, y + n, ldy, mode, e);
     }
   }
+}
+
+// The tile width is the layout's (SpmmArgs::tile_nv): kSpmmNV vectors, or one for outputs of at
+// most one vector of columns (a conv on a 4x4 or smaller plane), whose narrow layout packs a
+// quarter of the floats and cuts K into blocks four times as long.
+static void spmm(const SpmmArgs& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1, float* y,
+                 int64_t ldy, const Epilogue& ep, float* buf) {
+  if (a.tile_nv == 1) spmm_t<1>(a, m0, m1, n0, n1, y, ldy, ep, buf);
+  else spmm_t<kSpmmNV>(a, m0, m1, n0, n1, y, ldy, ep, buf);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1037,3 +1037,31 @@ def test_engine_reports_and_runs_four_row_blocks():
     from sparsify.engine.bench import format_profile
 
     assert "[sparse, 4x1 blocks]" in format_profile([row])
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("blocks", [False, True], ids=["loose", "4x1"])
+def test_sparse_conv_on_small_planes_takes_the_narrow_layout(isa, blocks, threads):
+    # outputs of at most one vector of columns (4x4, 2x2, 1x1 planes; stride 2 and 1x1 kernels
+    # too) run the sparse kernel on one-vector tiles with long K blocks; results as the reference
+    rng = np.random.default_rng(3 + threads)
+    before = kernels.get_num_threads()
+    kernels.set_num_threads(threads)
+    try:
+        for (c, m, hw, k, s) in [(64, 32, 4, 3, 1), (96, 48, 2, 3, 1), (40, 16, 1, 1, 1),
+                                 (24, 12, 4, 3, 2), (300, 20, 3, 1, 1), (600, 8, 2, 3, 1)]:
+            kk = c * k * k
+            w = block_matrix(rng, m, kk, 0.15) if blocks else sparse_matrix(rng, m, kk, 0.85)
+            x = rng.standard_normal((2, c, hw, hw)).astype(np.float32)
+            p = (k // 2,) * 4
+            oh = (hw + 2 * p[0] - k) // s + 1
+            bias = rng.standard_normal(m).astype(np.float32)
+            res = rng.standard_normal((2, m, oh, oh)).astype(np.float32)
+            pw = kernels.PackedWeight.pack(w, "sparse")
+            assert pw.row_blocks == (4 if blocks else 1)
+            want = reference.conv2d(w, x, (k, k), (s, s), p, (1, 1), 1, bias, "relu", res)
+            scale = float(reference.conv2d(np.abs(w), np.abs(x), (k, k), (s, s), p).max()) + 1.0
+            close(kernels.conv2d(pw, x, (k, k), (s, s), p, (1, 1), 1, bias, "relu", res), want,
+                  scale=scale)
+    finally:
+        kernels.set_num_threads(before)

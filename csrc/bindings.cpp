@@ -155,10 +155,7 @@ const ConvPlan& conv_plan(const ConvShape& s, bool sparse) {
 // A conv's weight for its plan: a rowwise dense conv reads row vectors
 // (DenseWeight::vector_panels). Caches layouts: call with the GIL held.
 WeightRef bind_conv(SparseWeight* sw, DenseWeight* dw, const ConvPlan& plan, int64_t group) {
-  WeightRef w = bind_weight(sw, dw, plan.koff, group);
-  // outputs of at most one vector of columns (4x4 planes and smaller) take the narrow layout
-  if (sw && plan.n_virtual <= kernels().simd_width)
-    w.layout = &sw->layout_for(kernels().simd_width, w.layout->rb == 4);
+  WeightRef w = bind_weight(sw, dw, plan.koff, group, plan.n_virtual);
   if (plan.mode == ConvPlan::kRowwise) {
     const int64_t vp = kernels().conv_t_panels;
     w.dense_panels = dw->vector_panels(group, vp, &w.panels_per_group);

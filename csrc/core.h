@@ -104,8 +104,9 @@ struct WeightRef {
 };
 
 // Prepares w for X rows at koff (sparse: offsets; dense: group-aligned panels).
+// `cols`: the GEMM's column count where known at binding (a conv's plan), else 0.
 WeightRef bind_weight(SparseWeight* sw, DenseWeight* dw, const std::vector<int64_t>& koff,
-                      int64_t groups = 1);
+                      int64_t groups = 1, int64_t cols = 0);
 
 // y[rows, n] = W[m0 : m0 + rows] X with X(k, j) = x[koff[k] + j * cs]; epilogue applied.
 void run_gemm(const WeightRef& w, int64_t m0, int64_t rows, int64_t K, const float* x,

@@ -86,9 +86,10 @@ void pack_shared_tiles(const float* x, const int64_t* koff, int64_t cs, int64_t 
 // that would share out unevenly (14x14 planes, see sparse_gemm): each thread runs every row over
 // its own range of K blocks, so it reads only its part of X (which then fits in its L2) and
 // reuses each X vector for all rows; row ranges over the whole of X measured 1.0-1.2x of one
-// thread on 7x7 planes. X comes packed once for all (a.packed) or each part packs its own. Thread 0 sums into y starting from the residual (as the tile kernel does, so y
-// may be the residual's buffer), the others into scratch; one pass adds them up and applies the
-// bias and activation.
+// thread on 7x7 planes. X comes packed once for all (a.packed) or each part packs its own.
+// Thread 0 sums into y starting from the residual (as the tile kernel does, so y may be the
+// residual's buffer), the others into scratch; one pass adds them up and applies the bias and
+// activation.
 void split_k(const KernelTable& kt, const SpmmArgs& a, const SparseLayout& l, int64_t m0,
              int64_t rows, int64_t n, int64_t parts, float* y, int64_t ldy, const Epilogue& ep,
              int64_t tile_floats) {
@@ -518,13 +519,16 @@ const float* DenseWeight::vector_panels(int64_t groups, int64_t vp, int64_t* per
 }
 
 WeightRef bind_weight(SparseWeight* sw, DenseWeight* dw, const std::vector<int64_t>& koff,
-                      int64_t groups) {
+                      int64_t groups, int64_t cols) {
   WeightRef w;
   if (sw) {
     w.sparse = sw;
     // the block kernel runs whole row groups: every conv group must start one
     const bool blocks = groups >= 1 && sw->M % groups == 0 && (sw->M / groups) % 4 == 0;
-    w.layout = &sw->layout_for(kernels().spmm_nt, blocks);
+    // outputs of at most one vector of columns (4x4 planes and smaller) take the narrow layout
+    const KernelTable& kt = kernels();
+    const bool narrow = cols > 0 && cols <= kt.simd_width;
+    w.layout = &sw->layout_for(narrow ? kt.simd_width : kt.spmm_nt, blocks);
   } else {
     w.dense_panels = dw->panels_for(groups, &w.panels_per_group);
   }

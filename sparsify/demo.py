@@ -127,7 +127,7 @@ def check_on_engine(model, val, out_dir: Path, threads: int | None = None,
     import numpy as np
     import torch
 
-    from sparsify.engine import Engine
+    from sparsify.engine import Engine, kernels
     from sparsify.engine.bench import benchmark
     from sparsify.export import export
 
@@ -150,8 +150,6 @@ def check_on_engine(model, val, out_dir: Path, threads: int | None = None,
         latency[batch] = {"engine_ms": r["latency"]["engine"]["p50_ms"],
                           "onnxruntime_ms": r["latency"]["onnxruntime"]["p50_ms"],
                           "speedup": r["speedup_vs_onnxruntime"]}
-    from sparsify.engine import kernels
-
     return EngineCheck(
         onnx_path=path, top1=100.0 * float((logits.argmax(1) == y.numpy()).mean()),
         max_rel_diff=float(np.abs(logits - ref).max() / max(float(np.abs(ref).max()), 1e-30)),

@@ -73,19 +73,14 @@ def sparse_wins(shape: tuple[int, int], sparsity: float, isa: str | None = None,
     return sparsity >= (0.4 if k <= 256 else 0.62 if k < 2048 else 0.65)
 
 
-def four_row_blocks(w: np.ndarray, nnz: int | None = None) -> bool:
-    """Whether a weight [M, K]'s rows, in groups of four, share their columns: its nonzeros fill
-    at least 75% of the 4x1 blocks that hold any (the core's rule, kBlockFill in gemm.cpp, which
-    then runs it with the block kernel)."""
+def four_row_blocks(w) -> bool:
+    """Whether a weight [M, K]'s rows, in groups of four, share their columns closely enough for
+    the block kernel (the core's rule: its nonzeros fill at least 75% of the 4x1 blocks that hold
+    any; ``SparseWeight::four_row_blocks``)."""
     w = np.asarray(w)
     if w.ndim != 2:
         raise InputError(f"four_row_blocks needs a 2-D weight [M, K], got shape {w.shape}")
-    m = w.shape[0]
-    nnz = int(np.count_nonzero(w)) if nnz is None else nnz
-    if m % 4 or nnz == 0:
-        return False
-    held = np.count_nonzero((w != 0).reshape(m // 4, 4, -1).any(axis=1))
-    return nnz >= 0.75 * 4 * held
+    return bool(_core.SparseWeight(np.ascontiguousarray(w, dtype=np.float32)).four_row_blocks)
 
 
 class PackedWeight:
@@ -112,12 +107,16 @@ class PackedWeight:
             raise InputError(f"PackedWeight.pack needs a float weight, got dtype {w.dtype}")
         w = np.ascontiguousarray(w, dtype=np.float32)
         nnz = int(np.count_nonzero(w))
+        handle = None
         if kind == "auto":
             sparsity = 1.0 - nnz / w.size if w.size else 0.0
-            blocks = 4 if four_row_blocks(w, nnz) else 1
-            kind = "sparse" if sparse_wins(w.shape, sparsity, row_blocks=blocks) else "dense"
+            kind = "dense"
+            if sparse_wins(w.shape, sparsity, row_blocks=4):  # the lowest threshold: worth a look
+                handle = _core.SparseWeight(w)  # the core decides on blocks; kept if sparse wins
+                blocks = 4 if handle.four_row_blocks else 1
+                kind = "sparse" if sparse_wins(w.shape, sparsity, row_blocks=blocks) else "dense"
         if kind == "sparse":
-            handle = _core.SparseWeight(w)
+            handle = handle if handle is not None else _core.SparseWeight(w)
         elif kind == "dense":
             handle = _core.DenseWeight(w)
         else:

@@ -50,7 +50,10 @@ struct Epilogue {
 constexpr int kGemmMR = 8;
 
 // Modes of a dense tile: first K block starts from zero, last applies the epilogue.
-enum TileMode : int { kTileFirst = 1, kTileLast = 2 };
+// kTileChanVec (conv_tile_t only, with first and last, no residual): column c's rows go to
+// y[c * ldy + r] as they lie in the accumulators, untransposed, in whole row vectors (ldy a
+// multiple of conv_t_panels * kGemmMR; the rows past `rows` of the last vector hold garbage).
+enum TileMode : int { kTileFirst = 1, kTileLast = 2, kTileChanVec = 4 };
 
 // A sparse weight laid out for the kernel: rows in their own order and K cut into blocks of
 // `kb` so one packed X tile (kb x spmm_nt floats, in scratch) stays in L2. (Rows sorted by
@@ -153,6 +156,11 @@ struct KernelTable {
   // floats.
   void (*max_pool3s2_row)(const float* const* rows, int nrows, int64_t w, int pl, int64_t ow,
                           float* vm, float* y);
+  // The same on channel vectors (kTileChanVec's layout): pixel x of window row r is the ldc
+  // floats at rows[r] + x * ldc (ldc a multiple of simd_width), the left pad 1; writes pooled
+  // pixel i's ldc floats to y + i * ldc.
+  void (*max_pool3s2_cv)(const float* const* rows, int nrows, int64_t w, int64_t ldc, int64_t ow,
+                         float* y);
 
   // y = act(a * scale + shift + b) over n floats (act as in Epilogue; b may be null, y may be a
   // or b).

@@ -696,6 +696,48 @@ constexpr int kConvQ = 4;
 constexpr int kConvQ = kGemmTP / kRvPanels;
 #endif
 
+// kTileChanVec's epilogue: accumulator column c plus the bias, activated, to y + c * ldy, one row
+// vector (kRvPanels * kGemmMR rows) at a time. Bias lanes past `rows` are zero.
+template <int Q, int C>
+static inline void store_chanvec(RV (*acc)[Q], int rows, int cols, float* y, int64_t ldy,
+                                 const Epilogue& ep) {
+  constexpr int R = kRvPanels * kGemmMR;
+  const bool clamp = ep.act == kActRelu || ep.act == kActClip;
+#pragma GCC unroll 4
+  for (int q = 0; q < Q; ++q) {
+    const int nr = rows - q * R;
+    alignas(64) float bt[R] = {};
+    if (ep.bias && nr > 0) std::memcpy(bt, ep.bias + q * R, sizeof(float) * (nr < R ? nr : R));
+#if defined(SPARSIFY_SIMD_AVX512)
+    const __m512 b = _mm512_load_ps(bt), lo = _mm512_set1_ps(ep.lo), hi = _mm512_set1_ps(ep.hi);
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) {
+      if (c >= cols) break;
+      __m512 v = _mm512_add_ps(acc[c][q], b);
+      if (clamp) v = _mm512_min_ps(hi, _mm512_max_ps(lo, v));
+      _mm512_storeu_ps(y + c * ldy + q * R, v);
+    }
+#else
+    const P8 b = p8_load(bt), lo = p8_set1(ep.lo), hi = p8_set1(ep.hi);
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) {
+      if (c >= cols) break;
+      P8 v = p8_add(acc[c][q], b);
+      if (clamp) v = p8_clamp(v, lo, hi);
+      p8_store(y + c * ldy + q * R, v);
+    }
+#endif
+  }
+  if (clamp || ep.act == kActNone) return;
+  // the other activations in their vector form, over the stored rows
+  const V lo = Simd::set1(ep.lo), hi = Simd::set1(ep.hi);
+  for (int c = 0; c < cols; ++c)
+    for (int r = 0; r < Q * R; r += W) {
+      float* p = y + c * ldy + r;
+      Simd::store(p, activate(Simd::load(p), ep.act, lo, hi));
+    }
+}
+
 // Rows [0, rows) of Q row vectors (Q * kRvPanels consecutive panels, panel p at wp + p * pstride;
 // with ODD the last vector's second panel is absent) times X over a K block of kc; adds into
 // columns [0, cols) of y unless this K block is the first, and applies the epilogue on the last.
@@ -733,6 +775,7 @@ static void gemm_micro_t(int64_t kc, int64_t pstride, const float* wp, const flo
       for (int q = 0; q < Q; ++q) acc[c][q] = rv_fma(wv[q], xv, acc[c][q]);
     }
   }
+  if (DIRECT && (mode & kTileChanVec)) return store_chanvec<Q, C>(acc, rows, cols, y, ldy, ep);
 #pragma GCC unroll 4
   for (int q = 0; q < Q; ++q)
     for (int h = 0; h < kRvPanels; ++h) {
@@ -954,6 +997,20 @@ static void max_pool3s2_row(const float* const* rows, int nrows, int64_t w, int 
   }
 }
 
+static void max_pool3s2_cv(const float* const* rows, int nrows, int64_t w, int64_t ldc,
+                           int64_t ow, float* y) {
+  const V ninf = Simd::set1(-__builtin_inff());
+  for (int64_t ox = 0; ox < ow; ++ox) {
+    const int64_t x0 = 2 * ox - 1 < 0 ? 0 : 2 * ox - 1, x1 = 2 * ox + 2 < w ? 2 * ox + 2 : w;
+    for (int64_t c = 0; c < ldc; c += W) {
+      V acc = ninf;
+      for (int r = 0; r < nrows; ++r)
+        for (int64_t x = x0; x < x1; ++x) acc = Simd::max(Simd::load(rows[r] + x * ldc + c), acc);
+      Simd::store(y + ox * ldc + c, acc);
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Row-wise softmax and layer normalization (the last axis of BERT's scores and hidden states).
 static inline float hsum(V v) {
@@ -1057,5 +1114,5 @@ static void layer_norm_row(const float* x, int64_t n, const float* scale, const 
 static const KernelTable kTable = {
     SPARSIFY_ISA_NAME, W, kGemmNV * W, kSpmmNV * W, &spmm, &gemm_pack_x, &gemm_tile, &gemv,
     kGemmTP * kGemmMR, kGemmTC, &gemm_pack_xt, &gemm_tile_t, kRvPanels, kConvQ * kRvPanels * kGemmMR, 24 / kConvQ < kGemmTC ? 24 / kConvQ : kGemmTC, &conv_tile_t,
-    &dw_channels, &window_plane, &max_pool3s2_row, &act_row, &softmax_row, &layer_norm_row,
+    &dw_channels, &window_plane, &max_pool3s2_row, &max_pool3s2_cv, &act_row, &softmax_row, &layer_norm_row,
 };

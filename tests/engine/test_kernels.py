@@ -311,6 +311,8 @@ def test_activation_and_channel_affine(isa, n):
     (2, 3, 27, 35, 40, (7, 7), (2, 2), (3, 3, 3, 3)),  # odd conv outputs, a short row block
     (1, 8, 9, 1, 16, (3, 3), (1, 1), (1, 1, 1, 1)),  # one column
     (1, 4, 6, 6, 16, (3, 3), (1, 1), (1, 1, 1, 1)),
+    (1, 3, 20, 18, 136, (7, 7), (2, 2), (3, 3, 3, 3)),  # row blocks of 64, 32 and 40
+    (1, 5, 13, 11, 24, (5, 5), (2, 2), (2, 2, 2, 2)),  # a row vector half full
 ])
 def test_conv2d_maxpool(isa, kind, case):
     n, c, h, w, m, ks, st, pads = case

@@ -278,6 +278,15 @@ COMMANDS = {
 }
 
 
+def _summary(run) -> str | None:
+    """A command's help: its function's first docstring paragraph on one line, with '%'
+    escaped (argparse formats help strings with %)."""
+    if not run.__doc__:
+        return None
+    paragraph = run.__doc__.strip().split("\n\n")[0]
+    return " ".join(paragraph.split()).replace("%", "%%")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sparsify",
@@ -286,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (add_arguments, run) in COMMANDS.items():
-        help_text = (run.__doc__ or "").strip().splitlines()[0] if run.__doc__ else None
+        help_text = _summary(run)
         command_parser = sub.add_parser(name, help=help_text, description=help_text)
         add_arguments(command_parser)
         command_parser.set_defaults(_run=run)

@@ -122,11 +122,25 @@ def test_apply_then_analyze(capsys, files):
     assert "classifier.3.weight" in capsys.readouterr().out
 
 
-def test_every_command_has_help():
+def test_every_command_has_help(capsys):
     parser = cli.build_parser()
     for name, (add, run) in cli.COMMANDS.items():
         assert run.__doc__, name
     assert parser.parse_args(["demo"]).command == "demo"
+    # the help renders, for the tool and for each command (the demo's says "90%", which
+    # argparse would take for a format directive if it were not escaped)
+    for argv in (["--help"], *([name, "--help"] for name in cli.COMMANDS)):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        assert exit_info.value.code == 0, argv
+        out = capsys.readouterr().out
+        assert out.startswith("usage: sparsify"), argv
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    top = " ".join(capsys.readouterr().out.split())  # argparse wraps the lines
+    assert "prune it to 90%, compare accuracy, export it and check it on the engine" in top
+    for name in cli.COMMANDS:
+        assert name in top
 
 
 def test_real_process_prints_one_line_and_exits_2(files, tmp_path):

@@ -924,7 +924,7 @@ static inline void window_block(const float* x, const int64_t* tap_off, int taps
     for (int v = 0; v < NV; ++v) {
       const V xv = (TAIL && v == NV - 1) ? Simd::loadn(src + v * W, tail) : Simd::load(src + v * W);
       if (OP == 0) acc[v] = Simd::fma(wv, xv, acc[v]);
-      else if (OP == 1) acc[v] = Simd::max(xv, acc[v]);
+      else if (OP == 1) acc[v] = Simd::maxp(acc[v], xv);
       else acc[v] = Simd::add(acc[v], xv);
     }
   }
@@ -967,8 +967,8 @@ static void window_plane(int op, const float* x, const int64_t* tap_off, int tap
 // 3x3 max pool with stride 2 (ResNet's and GoogLeNet's stem pools), one output row.
 // vm[pl + c] = the elementwise max over the window's rows that lie inside the image (rows[0,
 // nrows), each w floats) of input column c, -inf on padded columns; then y[ox] = the max of
-// vm[2 ox .. 2 ox + 2]. Both fold as max(x, acc) from -inf, as window_block does, so results are
-// the same bit for bit (a NaN is passed over, as onnxruntime's max pool does).
+// vm[2 ox .. 2 ox + 2]. Both fold as a max from -inf that keeps NaN (Simd::maxp), as
+// window_block does, so results are the same bit for bit, and a window holding a NaN gives NaN.
 static void max_pool3s2_row(const float* const* rows, int nrows, int64_t w, int pl, int64_t ow,
                             float* vm, float* y) {
   const float ninf = -__builtin_inff();
@@ -980,20 +980,21 @@ static void max_pool3s2_row(const float* const* rows, int nrows, int64_t w, int 
   int64_t c = 0;
   for (; c + W <= cw; c += W) {
     V acc = Simd::set1(ninf);
-    for (int r = 0; r < nrows; ++r) acc = Simd::max(Simd::load(rows[r] + c), acc);
+    for (int r = 0; r < nrows; ++r) acc = Simd::maxp(acc, Simd::load(rows[r] + c));
     Simd::store(v + c, acc);
   }
   if (c < cw) {
     const int left = (int)(cw - c);
     V acc = Simd::set1(ninf);
-    for (int r = 0; r < nrows; ++r) acc = Simd::max(Simd::loadn(rows[r] + c, left), acc);
+    for (int r = 0; r < nrows; ++r) acc = Simd::maxp(acc, Simd::loadn(rows[r] + c, left));
     Simd::storen(v + c, acc, left);
   }
   for (int64_t ox = 0; ox < ow; ++ox) {  // the compiler vectorizes this stride-2 loop
     const float* q = vm + 2 * ox;
-    float acc = q[0] > ninf ? q[0] : ninf;
-    acc = q[1] > acc ? q[1] : acc;
-    y[ox] = q[2] > acc ? q[2] : acc;
+    // NaN wins, as in the vertical step (x != x: NaN)
+    float acc = q[0];
+    acc = q[1] > acc || q[1] != q[1] ? q[1] : acc;
+    y[ox] = q[2] > acc || q[2] != q[2] ? q[2] : acc;
   }
 }
 
@@ -1005,7 +1006,7 @@ static void max_pool3s2_cv(const float* const* rows, int nrows, int64_t w, int64
     for (int64_t c = 0; c < ldc; c += W) {
       V acc = ninf;
       for (int r = 0; r < nrows; ++r)
-        for (int64_t x = x0; x < x1; ++x) acc = Simd::max(Simd::load(rows[r] + x * ldc + c), acc);
+        for (int64_t x = x0; x < x1; ++x) acc = Simd::maxp(acc, Simd::load(rows[r] + x * ldc + c));
       Simd::store(y + ox * ldc + c, acc);
     }
   }

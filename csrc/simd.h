@@ -18,6 +18,10 @@ struct Simd {
   static inline V mul(V a, V b) { return _mm512_mul_ps(a, b); }
   // second operand wins on NaN, so NaN inputs propagate through relu/clip/max
   static inline V max(V a, V b) { return _mm512_max_ps(a, b); }
+  // max that keeps NaN: NaN when v or acc is (max_ps alone returns its second operand then)
+  static inline V maxp(V acc, V v) {
+    return _mm512_mask_mov_ps(_mm512_max_ps(v, acc), _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), v);
+  }
   static inline V min(V a, V b) { return _mm512_min_ps(a, b); }
   static inline V sub(V a, V b) { return _mm512_sub_ps(a, b); }
   static inline V div(V a, V b) { return _mm512_div_ps(a, b); }
@@ -47,6 +51,9 @@ struct Simd {
   static inline V add(V a, V b) { return _mm256_add_ps(a, b); }
   static inline V mul(V a, V b) { return _mm256_mul_ps(a, b); }
   static inline V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static inline V maxp(V acc, V v) {
+    return _mm256_blendv_ps(_mm256_max_ps(v, acc), v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  }
   static inline V min(V a, V b) { return _mm256_min_ps(a, b); }
   static inline V sub(V a, V b) { return _mm256_sub_ps(a, b); }
   static inline V div(V a, V b) { return _mm256_div_ps(a, b); }
@@ -81,6 +88,10 @@ struct Simd {
   static inline V add(V a, V b) { return _mm_add_ps(a, b); }
   static inline V mul(V a, V b) { return _mm_mul_ps(a, b); }
   static inline V max(V a, V b) { return _mm_max_ps(a, b); }
+  static inline V maxp(V acc, V v) {
+    const V nan = _mm_cmpunord_ps(v, v);
+    return _mm_or_ps(_mm_and_ps(nan, v), _mm_andnot_ps(nan, _mm_max_ps(v, acc)));
+  }
   static inline V min(V a, V b) { return _mm_min_ps(a, b); }
   static inline V sub(V a, V b) { return _mm_sub_ps(a, b); }
   static inline V div(V a, V b) { return _mm_div_ps(a, b); }

@@ -517,6 +517,43 @@ def test_pools(isa, case):
           reference.avg_pool2d(x, ks, st, pads, ceil_mode, cip))
 
 
+@pytest.mark.parametrize("case", [c for c in POOL_CASES if c[2] * c[3] > 1])
+def test_max_pool_propagates_nan(isa, case):
+    """A window holding a NaN gives NaN wherever the NaN sits in it (as the NumPy twin and
+    torch do; onnxruntime's result depends on the NaN's place in the window), and a window of
+    NaNs is NaN, not -inf."""
+    n, c, h, w, ks, st, pads, ceil_mode, _ = case
+    x = np.random.default_rng(h * w).standard_normal((n, c, h, w)).astype(np.float32)
+    x[0, 0, h // 2, w // 2] = np.nan
+    x[-1, -1, :2, :2] = np.nan
+    x[0, -1, -1, -1] = np.inf
+    got = kernels.max_pool2d(x, ks, st, pads, (1, 1), ceil_mode)
+    want = reference.max_pool2d(x, ks, st, pads, (1, 1), ceil_mode)
+    assert np.isnan(want).any()
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    keep = ~np.isnan(want)
+    np.testing.assert_array_equal(got[keep], want[keep])
+    got = kernels.max_pool2d(x, (3, 2), (1, 2), (1, 0, 2, 1), (2, 3), 1)  # dilated
+    np.testing.assert_array_equal(
+        np.isnan(got), np.isnan(reference.max_pool2d(x, (3, 2), (1, 2), (1, 0, 2, 1), (2, 3), 1)))
+
+
+def test_conv2d_maxpool_propagates_nan(isa):
+    """The fused stem (conv, ReLU, 3x3/2 max pool) passes a NaN input on to every pooled pixel
+    whose window it reaches, on both of its paths (dense rowwise, sparse)."""
+    rng = np.random.default_rng(3)
+    wt = rng.standard_normal((24, 3 * 49)).astype(np.float32)
+    x = rng.standard_normal((1, 3, 40, 36)).astype(np.float32)
+    x[0, 1, 20, 17] = np.nan
+    conv = reference.conv2d(wt, x, (7, 7), (2, 2), (3, 3, 3, 3), act="relu")
+    want = reference.max_pool2d(conv, (3, 3), (2, 2), (1, 1, 1, 1))
+    for kind in ("dense", "sparse"):
+        got = kernels.conv2d_maxpool(kernels.PackedWeight.pack(wt, kind), x, (7, 7), (2, 2),
+                                     (3, 3, 3, 3), act="relu")
+        assert np.isnan(want).sum() >= 24 * 4
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want), err_msg=kind)
+
+
 def test_max_pool_dilated(isa):
     x = np.random.default_rng(5).standard_normal((1, 3, 11, 10)).astype(np.float32)
     close(kernels.max_pool2d(x, (3, 2), (1, 2), (1, 0, 2, 1), (2, 3), 1),

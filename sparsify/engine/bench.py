@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from sparsify.errors import InputError
+from sparsify.errors import EngineError, InputError
 
 
 def latency_stats(times_s) -> dict:
@@ -103,8 +103,8 @@ def sample_feeds(engine, batch: int = 1, seed: int = 0) -> dict:
 
 def _items(feeds: dict) -> int:
     """Items per call: the first input's leading size (1 for a scalar input)."""
-    first = next(iter(feeds.values()))
-    return int(first.shape[0]) if first.ndim else 1
+    first = next(iter(feeds.values()), None)
+    return int(first.shape[0]) if first is not None and first.ndim else 1
 
 
 def ort_session(path, threads: int | None):
@@ -141,8 +141,16 @@ def benchmark(model, *, batch: int = 1, threads: int | None = None, repeats: int
     result = {"batch": _items(feeds), "threads": threads, "items_per_call": _items(feeds)}
     outputs = engine.run(feeds)
     if onnxruntime:
-        sess = ort_session(model, threads)
-        want = sess.run(None, feeds)
+        try:
+            sess = ort_session(model, threads)
+            want = sess.run(None, feeds)
+        except Exception as err:  # onnxruntime's own exception types, whatever they are
+            if type(err).__module__.split(".")[0] != "onnxruntime":
+                raise
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise EngineError(f"onnxruntime cannot run {os.fspath(model)} ({first}); the engine "
+                              "can: time it alone with --no-onnxruntime "
+                              "(benchmark(..., onnxruntime=False))") from None
         diffs = []
         for got, ref in zip(outputs, want):
             ref = np.asarray(ref)

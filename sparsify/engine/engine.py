@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -24,20 +25,33 @@ def load_model(source) -> onnx.ModelProto:
     if isinstance(source, onnx.ModelProto):
         model = source
         where = "the given ModelProto"
-    else:
+    elif isinstance(source, (str, os.PathLike)):
         path = Path(os.fspath(source))
         where = str(path)
+        if path.is_dir():
+            raise EngineError(f"{path} is a directory; give the path of an .onnx file")
         if not path.is_file():
             raise EngineError(f"ONNX file {path} does not exist")
         try:
             model = onnx.load(str(path))
-        except (DecodeError, ValueError, OSError, RuntimeError) as err:
+        except (DecodeError, ValueError, OSError, RuntimeError,
+                onnx.checker.ValidationError) as err:
+            # ValidationError: external data missing or outside the model's folder
             raise EngineError(f"{path} is not a readable ONNX model ({type(err).__name__}: {err}); "
-                              "is the file truncated or of another format?") from None
+                              "is the file truncated or of another format, or is its external "
+                              "data file missing?") from None
+    else:
+        raise InputError("the model must be a path to an .onnx file or an onnx.ModelProto, "
+                         f"got {type(source).__name__}")
     if not model.HasField("graph") or not model.graph.output or model.ir_version <= 0:
         raise EngineError(f"{where} is not an ONNX model (no graph, outputs or IR version); "
                           "is the file truncated or of another format?")
     return model
+
+
+# an upper bound for Engine(threads=...): the core takes a C int, and far more threads than
+# cores only slows a run down
+MAX_THREADS = 1024
 
 
 def _fmt_shape(shape) -> str:
@@ -56,6 +70,9 @@ class Engine:
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
                                     or threads <= 0):
             raise InputError(f"threads must be a positive integer or None, got {threads!r}")
+        if threads is not None and threads > MAX_THREADS:
+            raise InputError(f"threads must be at most {MAX_THREADS}, got {threads}; "
+                             "more threads than cores only slows a run down")
         if kind not in ("auto", "sparse", "dense"):
             raise InputError(f"kind must be 'auto', 'sparse' or 'dense', got {kind!r}")
         self.threads = None if threads is None else int(threads)
@@ -63,7 +80,16 @@ class Engine:
         # page-faulting it in again (process-wide glibc setting; see kernels.retain_freed_memory)
         kernels.retain_freed_memory()
         self.model = load_model(path_or_model_proto)
-        self.plan: Plan = build_plan(self.model, kind)
+        try:
+            self.plan: Plan = build_plan(self.model, kind)
+        except SparsifyError:
+            raise
+        except Exception as err:  # a malformed graph that the checks before planning let by
+            where = (os.fspath(path_or_model_proto) if isinstance(path_or_model_proto, (str, os.PathLike))
+                     else "the given ModelProto")
+            raise EngineError(f"{where}: the graph cannot be planned ({type(err).__name__}: {err}); "
+                              "does onnx.checker.check_model(model, full_check=True) pass, and does "
+                              "onnxruntime load it?") from err
         self.input_names = [name for name, _, _, _ in self.plan.inputs]
         self.output_names = [name for name, _ in self.plan.outputs]
         self._steps = [(s.fn, s.inputs, s.outputs, s.free) for s in self.plan.steps]
@@ -78,6 +104,8 @@ class Engine:
                 for s, const in zip(self._out_slots, self._const_out)]
         if output_names is None:
             return outs
+        if not isinstance(output_names, (list, tuple)) or not all(isinstance(n, str) for n in output_names):
+            raise InputError(f"output_names must be a list of output names, got {output_names!r}")
         index = {n: i for i, n in enumerate(self.output_names)}
         unknown = [n for n in output_names if n not in index]
         if unknown:
@@ -133,11 +161,16 @@ class Engine:
                             vals[o] = v
                     for i in free:
                         vals[i] = None
-        except (ValueError, IndexError, TypeError, SparsifyError) as err:
+        except Exception as err:  # a node's op fails: name it, whatever the op raised
             step = self.plan.steps[k]
             shapes = ", ".join(str(list(np.shape(vals[i]))) for i in step.inputs)
-            raise EngineError(f"node {step.name!r} ({step.op}) failed on inputs of shapes {shapes}: {err}; "
-                              "do the inputs have the sizes the model was exported for?") from err
+            if isinstance(err, MemoryError):
+                raise EngineError(f"node {step.name!r} ({step.op}) ran out of memory on inputs of "
+                                  f"shapes {shapes}; try a smaller batch") from None
+            raise EngineError(f"node {step.name!r} ({step.op}) failed on inputs of shapes {shapes}: "
+                              f"{type(err).__name__ + ': ' if not isinstance(err, SparsifyError) else ''}"
+                              f"{err}; do the inputs have the sizes the model was exported for, and "
+                              "are the node's attributes valid?") from err
         return vals
 
     def _checked(self, feeds: dict):
@@ -199,15 +232,22 @@ def read_feeds(specs: list[str], input_names: list[str]) -> dict:
         if not sep:
             name, file = None, spec
         path = Path(file)
+        if path.is_dir():
+            raise InputError(f"input {path} is a directory; give a .npy or .npz file")
         if not path.is_file():
             raise InputError(f"input file {path} does not exist")
         try:
             data = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as err:
-            raise InputError(f"cannot read {path} as a .npy/.npz array file: {err}") from None
+            if isinstance(data, np.lib.npyio.NpzFile):
+                with data:
+                    arrays = {k: data[k] for k in data.files}
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+            # allow_pickle is off on purpose: an object array could run code when loaded
+            reason = ("numpy read it as a pickle, which is never loaded" if "allow_pickle" in str(err)
+                      else f"{type(err).__name__}: {err}" if str(err) else type(err).__name__)
+            raise InputError(f"cannot read {path} as a .npy/.npz array file ({reason}); save "
+                             "numeric arrays with numpy.save / numpy.savez") from None
         if isinstance(data, np.lib.npyio.NpzFile):
-            with data:
-                arrays = {k: data[k] for k in data.files}
             if name is not None:
                 raise InputError(f"{spec}: an .npz file holds named arrays already; pass it without 'name='")
         else:

@@ -366,7 +366,8 @@ def _bn_affine(bn: Node, consts):
     scale, beta, mean, var = (v.astype(np.float64).reshape(-1) for v in vals)
     if not scale.size == beta.size == mean.size == var.size:
         return None
-    s = scale / np.sqrt(var + bn.attrs.get("epsilon", 1e-5))
+    with np.errstate(invalid="ignore"):  # a negative variance gives NaN, as at run time
+        s = scale / np.sqrt(var + bn.attrs.get("epsilon", 1e-5))
     return s, beta - mean * s
 
 

@@ -12,7 +12,7 @@ import math
 import numpy as np
 
 from sparsify.engine import kernels
-from sparsify.errors import EngineError
+from sparsify.errors import EngineError, InputError
 
 
 # ---------------------------------------------------------------- geometry helpers
@@ -87,6 +87,9 @@ def matmul(A, B):
 
 
 def Gemm(A, B, C=None, alpha=1.0, beta=1.0, transA=0, transB=0):
+    if A.ndim != 2 or B.ndim != 2:
+        raise InputError(f"Gemm takes two matrices, got A of shape {list(A.shape)} and B of shape "
+                         f"{list(B.shape)}; use MatMul for other ranks")
     y = matmul(A.T if transA else A, B.T if transB else B)
     if alpha != 1.0:
         y *= np.asarray(alpha, y.dtype)

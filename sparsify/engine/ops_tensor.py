@@ -14,7 +14,7 @@ import numpy as np
 from onnx import helper, numpy_helper
 
 from sparsify.engine import kernels
-from sparsify.errors import EngineError
+from sparsify.errors import EngineError, InputError
 
 
 def _axes(axes, ndim: int) -> tuple[int, ...]:
@@ -257,7 +257,11 @@ def Split(input, split=None, axis=0, num_outputs=None):  # noqa: A002
     if split is None:
         chunk = -(-dim // num_outputs)
         split = [chunk] * (num_outputs - 1) + [dim - chunk * (num_outputs - 1)]
-    points = np.cumsum([int(s) for s in split])[:-1]
+    sizes = [int(s) for s in split]
+    if sum(sizes) != dim or min(sizes, default=0) < 0:
+        raise InputError(f"split sizes {sizes} must be non-negative and add up to {dim}, the "
+                         f"length of axis {axis}")
+    points = np.cumsum(sizes)[:-1]
     return tuple(np.split(input, points, axis=axis))
 
 

@@ -77,9 +77,20 @@ def opset_of(model: onnx.ModelProto) -> int:
 
 def check_supported(model: onnx.ModelProto) -> None:
     opset = opset_of(model)
+    newest = onnx.defs.onnx_opset_version()
+    if opset > newest:
+        raise UnsupportedOpError(f"the model imports opset {opset} of the default domain, newer than "
+                                 f"any ONNX release this engine knows (the newest is {newest}); "
+                                 "export with opset 13-18")
     bad = []
+    writer: dict[str, str] = {}
     for i, n in enumerate(model.graph.node):
         name = node_name(n, i)
+        for out in n.output:
+            if out and out in writer:
+                raise EngineError(f"value {out!r} is written by node {writer[out]!r} and by node "
+                                  f"{name!r}; an ONNX graph assigns each value once")
+            writer[out] = name
         if n.domain not in DEFAULT_DOMAINS:
             bad.append(f"  {n.domain}::{n.op_type} (node {name!r}): custom domain {n.domain!r} is not supported")
         elif n.op_type not in ops.OPS:

@@ -11,6 +11,8 @@ import math
 
 import numpy as np
 
+from sparsify.errors import InputError
+
 _ACTS = ("none", "relu", "gelu")
 _erf = np.frompyfunc(math.erf, 1, 1)
 
@@ -77,8 +79,14 @@ def conv_out_size(size: int, kernel: int, stride: int, pad_begin: int, pad_end: 
                   dilation: int = 1, ceil_mode: int = 0) -> int:
     """ONNX output length along one axis; with ceil_mode a window starting in the end padding
     is dropped (the rule onnxruntime and PyTorch share)."""
+    if stride <= 0 or dilation <= 0 or kernel <= 0:
+        raise InputError(f"kernel {kernel}, stride {stride} and dilation {dilation} must be "
+                         "positive")
     span = size + pad_begin + pad_end - dilation * (kernel - 1) - 1
     if span < 0:
+        if size > 0:  # onnxruntime rejects this too
+            raise InputError(f"the window (kernel {kernel}, dilation {dilation}) is larger than "
+                             f"the padded input ({size} + pads {pad_begin} and {pad_end})")
         return 0
     if ceil_mode:
         out = -(-span // stride) + 1

@@ -152,3 +152,30 @@ def test_cli_benchmark_bad_arguments_are_one_line(model_path, capsys, argv, patt
 def test_cli_benchmark_missing_file(tmp_path, capsys):
     assert main(["benchmark", str(tmp_path / "nope.onnx")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_model_onnxruntime_refuses_is_one_typed_error(tmp_path, capsys):
+    """The engine runs it; onnxruntime does not know its IR version: a typed error pointing at
+    --no-onnxruntime, which then times the engine alone."""
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 99
+    path = tmp_path / "future_ir.onnx"
+    onnx.save(model, str(path))
+    from sparsify.errors import EngineError
+
+    with pytest.raises(EngineError, match=r"onnxruntime cannot run .*future_ir\.onnx.*--no-onnxruntime"):
+        benchmark(path, repeats=2, warmup=1)
+    assert main(["benchmark", str(path), "--repeats", "2"]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+    assert benchmark(path, repeats=2, warmup=1, onnxruntime=False)["items_per_call"] == 1
+
+
+def test_a_model_without_inputs_is_timed():
+    graph = helper.make_graph([helper.make_node("Relu", ["c"], ["y"])], "g", [],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.ones(4, np.float32), "c")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    assert benchmark(model, repeats=2, warmup=1, onnxruntime=False)["items_per_call"] == 1

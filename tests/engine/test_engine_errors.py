@@ -209,3 +209,106 @@ def test_a_failing_node_is_named(onnx_check):
     assert engine.run({"x": np.ones((2, 4), np.float32)})[0].shape == (2, 4)
     with pytest.raises(EngineError, match=r"node 'add_positions' \(Add\) failed on inputs of shapes \[2, 5\], \[1, 4\]"):
         engine.run({"x": np.ones((2, 5), np.float32)})
+
+
+def _graph_model(nodes, inputs, outputs, inits=(), opset=17):
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+
+
+def _vec(name, shape=("N", 4)):
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, None if shape is None else list(shape))
+
+
+def _f32(*shape):
+    return np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("build", [
+    # a Clip whose bounds are not scalars, fused into the MatMul before it
+    lambda: _graph_model([helper.make_node("MatMul", ["x", "W"], ["t"], name="m"),
+                          helper.make_node("Clip", ["t", "lo", "hi"], ["y"], name="c")],
+                         [_vec("x")], [_vec("y", None)],
+                         [numpy_helper.from_array(_f32(4, 3), "W"), numpy_helper.from_array(_f32(2), "lo"),
+                          numpy_helper.from_array(_f32(2), "hi")]),
+    # a MatMul with one input
+    lambda: _graph_model([helper.make_node("MatMul", ["x"], ["y"], name="m")], [_vec("x")], [_vec("y", None)]),
+    # a BatchNormalization of 3 channels after a conv of 2
+    lambda: _graph_model([helper.make_node("Conv", ["x", "W"], ["t"], name="c"),
+                          helper.make_node("BatchNormalization", ["t", "s", "b", "m", "v"], ["y"], name="bn")],
+                         [_vec("x", ("N", 1, 8, 8))], [_vec("y", None)],
+                         [numpy_helper.from_array(_f32(2, 1, 3, 3), "W")]
+                         + [numpy_helper.from_array(_f32(3), k) for k in "sbmv"]),
+], ids=["clip-bounds", "matmul-one-input", "bn-channels"])
+def test_malformed_graphs_are_engine_errors_at_load(build):
+    with pytest.raises(EngineError, match="the graph cannot be planned"):
+        Engine(build())
+
+
+@pytest.mark.parametrize("node,feed,message", [
+    (helper.make_node("Cast", ["x"], ["y"], to=999, name="bad_cast"), (2, 4), r"node 'bad_cast' \(Cast\) failed.*KeyError"),
+    (helper.make_node("Split", ["x", "s"], ["y", "z"], axis=1, name="bad_split"), (2, 4), "must be non-negative and add up to 4"),
+    (helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[20, 20], name="big_pool"), (2, 1, 8, 8),
+     r"node 'big_pool'.*larger than the padded input"),
+    (helper.make_node("Conv", ["x", "W"], ["y"], strides=[0, 0], name="stride0"), (2, 1, 8, 8), "must be positive"),
+    (helper.make_node("Gemm", ["x", "b"], ["y"], name="gemm_vec"), (2, 4), "Gemm takes two matrices"),
+], ids=["cast-to", "split-sizes", "pool-window", "conv-stride", "gemm-rank"])
+def test_bad_attributes_fail_as_named_engine_errors(node, feed, message):
+    inits = [numpy_helper.from_array(np.array([3, 3], np.int64), "s"),
+             numpy_helper.from_array(_f32(2, 1, 3, 3), "W"), numpy_helper.from_array(_f32(4), "b")]
+    inits = [t for t in inits if t.name in node.input]
+    outputs = [_vec(o, None) for o in node.output]
+    engine = Engine(_graph_model([node], [_vec("x", ("N",) + feed[1:])], outputs, inits))
+    with pytest.raises(EngineError, match=message):
+        engine.run({"x": _f32(*feed)})
+
+
+def test_a_value_written_twice_and_a_future_opset_are_refused():
+    twice = _graph_model([helper.make_node("Relu", ["x"], ["y"], name="a"),
+                          helper.make_node("Neg", ["x"], ["y"], name="b")], [_vec("x")], [_vec("y", None)])
+    with pytest.raises(EngineError, match="'y' is written by node 'a' and by node 'b'"):
+        Engine(twice)
+    future = _graph_model([helper.make_node("Relu", ["x"], ["y"])], [_vec("x")], [_vec("y", None)], opset=99)
+    with pytest.raises(UnsupportedOpError, match="opset 99"):
+        Engine(future)
+
+
+def test_missing_external_data_is_an_engine_error(tmp_path):
+    w = numpy_helper.from_array(_f32(4, 3), "W")
+    w.ClearField("raw_data")
+    w.data_location = TensorProto.EXTERNAL
+    entry = w.external_data.add()
+    entry.key, entry.value = "location", "weights.bin"
+    path = tmp_path / "m.onnx"
+    onnx.save(_graph_model([helper.make_node("MatMul", ["x", "W"], ["y"])], [_vec("x")], [_vec("y", None)], [w]),
+              str(path))
+    with pytest.raises(EngineError, match=r"m\.onnx is not a readable ONNX model.*external data"):
+        Engine(path)
+
+
+def test_bad_engine_arguments_are_input_errors(tmp_path, engine):
+    for source in (None, 3, onnx.GraphProto()):
+        with pytest.raises(InputError, match="path to an .onnx file or an onnx.ModelProto"):
+            Engine(source)
+    with pytest.raises(EngineError, match="is a directory"):
+        Engine(tmp_path)
+    with pytest.raises(InputError, match="threads must be at most 1024"):
+        Engine(_model(), threads=2**31)
+    with pytest.raises(InputError, match="output_names must be a list"):
+        engine.run(_feeds(), output_names=3)
+
+
+def test_unreadable_input_files_are_input_errors(tmp_path):
+    from sparsify.engine.engine import read_feeds
+
+    (tmp_path / "empty.npy").write_bytes(b"")
+    np.savez(tmp_path / "ok.npz", x=np.ones(3, np.float32))
+    data = (tmp_path / "ok.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])
+    np.savez(tmp_path / "objects.npz", x=np.array([{"a": 1}], dtype=object))
+    (tmp_path / "text.npy").write_text("a: 1\n")
+    for name in ("empty.npy", "cut.npz", "objects.npz", "text.npy"):
+        with pytest.raises(InputError, match=f"cannot read .*{name}"):
+            read_feeds([str(tmp_path / name)], ["x"])
+    with pytest.raises(InputError, match="is a directory"):
+        read_feeds([str(tmp_path)], ["x"])

@@ -155,13 +155,21 @@ def analyze_onnx(path: str | os.PathLike) -> dict:
         proto = onnx.shape_inference.infer_shapes(proto)
     except Exception as err:  # onnx raises several unrelated types for a bad file
         raise InputError(f"cannot read ONNX file {path}: {err}") from err
+    if not proto.HasField("graph") or not proto.graph.output or proto.ir_version <= 0:
+        raise InputError(f"{path} is not an ONNX model (no graph, outputs or IR version); is the "
+                         "file truncated or of another format?")
     graph = proto.graph
     inits = {i.name: i for i in graph.initializer}
     shapes = {v.name: _dims(v) for v in list(graph.value_info) + list(graph.output)
               + list(graph.input)}
 
     def weight(name: str):
-        return numpy_helper.to_array(inits[name]) if name in inits else None
+        if name not in inits:
+            return None
+        try:
+            return numpy_helper.to_array(inits[name], base_dir=str(path.parent))
+        except Exception as err:  # noqa: BLE001 - wrong raw_data length, missing external data
+            raise InputError(f"{path}: initializer {name!r} cannot be read ({err})") from None
 
     layers, other = [], 0
     for node in graph.node:
@@ -172,8 +180,13 @@ def analyze_onnx(path: str | os.PathLike) -> dict:
         if node.op_type == "Conv" and w is not None:
             k = int(np.prod(w.shape[1:]))
         elif w is not None:
+            if w.ndim != 2 and (node.op_type == "Gemm" or w.ndim == 0):
+                raise InputError(f"{path}: node {node.name!r} ({node.op_type}) has a weight of shape "
+                                 f"{list(w.shape)}; {node.op_type} takes a matrix")
             trans_b = any(a.name == "transB" and a.i for a in node.attribute)
-            k = int(w.shape[1] if node.op_type == "Gemm" and trans_b else w.shape[0])
+            # MatMul: [K] or [..., K, N]
+            k = int(w.shape[1] if node.op_type == "Gemm" and trans_b
+                    else w.shape[0] if w.ndim == 1 else w.shape[-2])
         else:  # a matmul of two activations: its K is the first input's last dim
             a = shapes.get(node.input[0])
             k = a[-1] if a else None
@@ -212,6 +225,8 @@ def _engine_report(path: Path) -> dict | None:
         return engine_report(str(path))
     except (ImportError, SparsifyError) as err:
         return {"runnable": False, "error": " ".join(str(err).split())}
+    except Exception as err:  # noqa: BLE001 - the analysis stands without the engine's view
+        return {"runnable": False, "error": f"{type(err).__name__}: " + " ".join(str(err).split())}
 
 
 # ---------------------------------------------------------------------------------------------

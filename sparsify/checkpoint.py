@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -32,7 +33,10 @@ def load_object(path: str | os.PathLike) -> Any:
         raise CheckpointError(f"checkpoint {path} does not exist" if not path.exists()
                               else f"checkpoint {path} is not a file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch notes that it checks a sparse tensor (refused after loading, in _as_state_dict)
+            warnings.filterwarnings("ignore", message="Validating sparse tensor invariants")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         detail = _unpickler_detail(str(err))
         found = re.search(r"GLOBAL (\S+)", detail)
@@ -44,9 +48,10 @@ def load_object(path: str | os.PathLike) -> Any:
         raise CheckpointError(
             f"refused to load {path}: {why}. Save a plain state_dict with "
             f"torch.save(model.state_dict(), path) or use .safetensors") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise CheckpointError(f"cannot read checkpoint {path}: {err}. Is it a torch.save or "
-                              f"safetensors file?") from err
+    except Exception as err:  # noqa: BLE001 - whatever the unpickler trips on in a foreign file
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else "the file is empty"
+        raise CheckpointError(f"cannot read checkpoint {path} ({type(err).__name__}: {reason}). "
+                              f"Is it a torch.save or safetensors file?") from err
 
 
 def _unpickler_detail(message: str) -> str:
@@ -72,7 +77,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
         try:
             obj: Any = load_file(str(path), device="cpu")
-        except (SafetensorError, OSError, ValueError) as err:
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
             raise CheckpointError(f"cannot read safetensors file {path}: {err}") from err
     else:
         obj = load_object(path)
@@ -92,6 +97,10 @@ def _as_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     if bad:
         raise CheckpointError(f"{path} is not a state_dict: entries {_names(map(str, bad))} are "
                               f"not tensors named by strings")
+    odd = [k for k, v in obj.items() if v.layout != torch.strided or v.is_meta]
+    if odd:
+        raise CheckpointError(f"{path}: entries {_names(odd)} are sparse or meta tensors, not "
+                              f"weights with values; save dense ones (tensor.to_dense())")
     if all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return dict(obj)

@@ -112,3 +112,33 @@ def test_onnx_analysis_names_the_layers_the_block_kernel_runs(tmp_path):
     assert engines == ["sparse (4x1 blocks)", "sparse"], engines
     assert "sparse (4x1 blocks)" in format_report(report)
     assert np.isclose(report["layers"][0]["sparsity"], 1 - keep.float().mean().item())
+
+
+def test_malformed_onnx_files_are_input_errors(tmp_path):
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    with pytest.raises(InputError, match="is not an ONNX model"):
+        analyze(empty)
+
+    def save(name, node, weight):
+        graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [weight])
+        path = tmp_path / name
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+        return path
+
+    vec = numpy_helper.from_array(np.ones(4, np.float32), "W")
+    with pytest.raises(InputError, match=r"node 'fc' \(Gemm\) has a weight of shape \[4\]"):
+        analyze(save("gemm.onnx", helper.make_node("Gemm", ["x", "W"], ["y"], name="fc"), vec))
+    short = numpy_helper.from_array(np.ones((4, 3), np.float32), "W")
+    short.raw_data = short.raw_data[:10]
+    with pytest.raises(InputError, match="initializer 'W' cannot be read"):
+        analyze(save("short.onnx", helper.make_node("MatMul", ["x", "W"], ["y"], name="mm"), short))
+    # a batched MatMul weight [B, K, N]: K is its second-to-last axis
+    batched = numpy_helper.from_array(np.ones((2, 4, 3), np.float32), "W")
+    report = analyze(save("batched.onnx", helper.make_node("MatMul", ["x", "W"], ["y"], name="mm"), batched))
+    assert report["layers"][0]["params"] == 24

@@ -111,3 +111,22 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         save_object(path, {"x": torch.ones(1)})
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]
+
+
+def test_foreign_files_and_odd_tensors_are_checkpoint_errors(tmp_path):
+    text = tmp_path / "notes.pt"
+    text.write_text("a: 1\n")  # the unpickler trips on this with an IndexError
+    with pytest.raises(CheckpointError, match=r"cannot read checkpoint .*notes\.pt"):
+        load_checkpoint(text)
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"empty\.pt"):
+        load_checkpoint(empty)
+    sparse = tmp_path / "sparse.pt"
+    torch.save({"w": torch.eye(3).to_sparse()}, sparse)
+    with pytest.raises(CheckpointError, match="sparse or meta tensors"):
+        load_checkpoint(sparse)
+    meta = tmp_path / "meta.pt"
+    torch.save({"w": torch.empty(3, device="meta")}, meta)
+    with pytest.raises(CheckpointError, match="sparse or meta tensors"):
+        load_checkpoint(meta)

@@ -195,8 +195,9 @@ class Engine:
             if not isinstance(arr, np.ndarray):
                 raise InputError(f"input {name!r} must be a numpy array, got {type(arr).__name__}")
             if dtype is not None and arr.dtype != dtype:
+                cast = f"np.{dtype.name}" if dtype.kind in "biufc" else f"np.dtype({str(dtype)!r})"
                 raise InputError(f"input {name!r} has dtype {arr.dtype}, expected {dtype} "
-                                 f"(convert with .astype(np.{dtype.name}))")
+                                 f"(convert with .astype({cast}))")
             if shape is not None:
                 if arr.ndim != len(shape):
                     raise InputError(f"input {name!r} has shape {list(arr.shape)} (rank {arr.ndim}), "

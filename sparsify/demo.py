@@ -25,7 +25,9 @@ from sparsify.checkpoint import load_checkpoint, load_into, save_checkpoint
 from sparsify.data import load_dataset
 from sparsify.errors import CheckpointError, InputError
 from sparsify.models import create_model
-from sparsify.train import TrainConfig, evaluate, finetune, train_baseline
+from sparsify.recipe import load_recipe
+from sparsify.train import (CHECKPOINT_DIR, TrainConfig, check_output_dir, epoch_checkpoints,
+                            evaluate, finetune, train_baseline)
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +167,16 @@ def run_demo(recipe: str | os.PathLike | None = None, out: str | os.PathLike | N
     with ``engine``, export the result and check it on sparsify's engine (``check_on_engine``,
     ``threads`` for the engine and onnxruntime: default, the engine's)."""
     recipe_path = Path(recipe) if recipe else find_recipe(DEMO_RECIPE)
+    # every input is checked before the baseline is trained (minutes) or loaded
+    rec = load_recipe(recipe_path)
+    run_dir = Path(out) if out else cache_dir() / "demo-run"
+    config = TrainConfig(model=BASELINE["model_name"], data=BASELINE["data_name"], out=run_dir,
+                         seed=seed, progress=progress)
+    if out is not None:
+        check_output_dir(run_dir)
+        if epoch_checkpoints(run_dir):
+            raise InputError(f"--out {run_dir} already holds a run ({CHECKPOINT_DIR}/); choose "
+                             f"another --out")
     t0 = time.perf_counter()
     baseline, cached = baseline_checkpoint(seed, progress)
     t1 = time.perf_counter()
@@ -172,13 +184,9 @@ def run_demo(recipe: str | os.PathLike | None = None, out: str | os.PathLike | N
     val = load_dataset(BASELINE["data_name"], "val")
     dense_top1 = evaluate(load_baseline(baseline), val)["top1"]
 
-    run_dir = Path(out) if out else cache_dir() / "demo-run"
     if out is None and run_dir.exists():
         shutil.rmtree(run_dir)  # our own scratch folder from an earlier demo
-    run_dir.mkdir(parents=True, exist_ok=True)
-    result = finetune(recipe_path, baseline, TrainConfig(
-        model=BASELINE["model_name"], data=BASELINE["data_name"], out=run_dir, seed=seed,
-        progress=progress))
+    result = finetune(rec, baseline, config)
     t2 = time.perf_counter()
     checked = check_on_engine(result.model, val, run_dir, threads) if engine else None
     return DemoResult(

@@ -47,6 +47,12 @@ FORMATS = ("fp32", "fp16", "int8")
 # torch's exporter implements opset 18 and up; its down-conversion to 17 fails on ReduceMean
 MIN_OPSET = 18
 DEFAULT_OPSET = 18
+# the newest opset torch's exporter writes itself; newer ones go through onnx's version
+# converter, which fails on its graphs (and the file would keep the older opset)
+try:
+    from torch.onnx._constants import ONNX_MAX_OPSET as MAX_OPSET
+except ImportError:  # a torch without the constant: the opset it was released with
+    MAX_OPSET = 23
 CHECK_BATCH = 16  # the second batch size every export is run at (the first is the sample's)
 EXTRA_CHECK_BATCHES = 2
 # weights of these modules are the ones whose zeros are counted and checked
@@ -326,11 +332,16 @@ def model_from_checkpoint(checkpoint: str | os.PathLike, model: str, recipe: Any
 
     if model not in MODELS:
         raise ExportError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
+    if num_classes is not None and (isinstance(num_classes, bool)
+                                    or not isinstance(num_classes, int) or num_classes < 1):
+        raise ExportError(f"--num-classes (num_classes) must be a positive integer, got "
+                          f"{num_classes!r}; leave it out to use the dataset's class count")
     if data is None:
         data = "movie_reviews" if MODELS[model][1] is TEXT_DEFAULTS else "mnist"
     classes, kwargs = ((1000, {"in_channels": 3, "image_size": 224}) if data == "imagenet"
                        else dataset_shape(data))
-    net = create_model(model, num_classes=num_classes or classes, **kwargs)
+    net = create_model(model, num_classes=classes if num_classes is None else num_classes,
+                       **kwargs)
     state = load_checkpoint(checkpoint)
     recipe = _recipe(recipe)
     modifier = _int8_modifier(recipe)
@@ -368,9 +379,10 @@ def export(model: nn.Module, path: str | os.PathLike, sample_input: Any, format:
     fmt = format.lower() if isinstance(format, str) else format
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {format!r}; use one of {', '.join(FORMATS)}")
-    if not isinstance(opset, int) or opset < MIN_OPSET:
-        raise ExportError(f"opset {opset!r} is not supported: torch's exporter writes opset "
-                          f"{MIN_OPSET} or newer")
+    if (isinstance(opset, bool) or not isinstance(opset, int)
+            or not MIN_OPSET <= opset <= MAX_OPSET):
+        raise ExportError(f"opset {opset!r} is not supported: torch's exporter writes opsets "
+                          f"{MIN_OPSET} to {MAX_OPSET}; pass --opset (opset=) in that range")
     if not isinstance(model, nn.Module):
         raise ExportError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     path = Path(path)
@@ -519,6 +531,10 @@ def calibration_batches(data: str, num_batches: int = 8, batch_size: int = 32,
     """``num_batches`` input batches drawn (seeded) from the train split of dataset ``data``."""
     from sparsify.data import load_dataset
 
+    for flag, value in (("--calibration-batches (num_batches)", num_batches),
+                        ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ExportError(f"{flag} must be a positive integer, got {value!r}")
     dataset = load_dataset(data, "train")
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(dataset), generator=gen)[:num_batches * batch_size].tolist()

@@ -157,6 +157,11 @@ def build_modifier(item: dict, index: int, where: str) -> Modifier:
         modifier = cls.model_validate(item)
     except ValidationError as err:
         raise RecipeError(f"{where}: {label}: {explain_validation(err)}") from None
+    except RecipeError as err:
+        # Modifier.__init__ (which validation runs) names the class only: name the file and
+        # the modifier's position instead
+        detail = str(err).removeprefix(f"{cls.__name__}: ")
+        raise RecipeError(f"{where}: {label}: {detail}") from None
     modifier.index_ = index
     return modifier
 

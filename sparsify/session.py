@@ -145,6 +145,13 @@ class Session:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a session saved by ``state_dict`` (after loading the model and optimizer)."""
         self._check_open()
+        keys = ("step", "start_epoch", "steps_per_epoch", "masks", "modifiers")
+        if not isinstance(state, dict) or not set(keys) <= set(state):
+            found = ", ".join(map(str, state)) if isinstance(state, dict) else type(state).__name__
+            raise CheckpointError(
+                f"the saved session state is not one Session.state_dict() wrote: it needs "
+                f"{', '.join(keys)}; found {found or 'nothing'}"
+            )
         saved = [entry["type"] for entry in state["modifiers"]]
         ours = [type(m).__name__ for m in self.modifiers]
         if saved != ours:

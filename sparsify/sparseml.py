@@ -121,9 +121,11 @@ def safe_eval(expr: str, variables: dict[str, Any], where: str) -> Any:
                 raise fail("exponent or base too large")
             try:
                 result = _BINOPS[type(node.op)](left, right)
+                # math.isfinite raises OverflowError for an int beyond the float range
+                finite = not isinstance(result, complex) and math.isfinite(result)
             except (ZeroDivisionError, OverflowError, ValueError) as err:
                 raise fail(str(err)) from None
-            if isinstance(result, complex) or not math.isfinite(result):
+            if not finite:
                 raise fail("the result is not a finite real number")
             return result
         if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
@@ -142,7 +144,7 @@ def safe_eval(expr: str, variables: dict[str, Any], where: str) -> Any:
         raise fail(f"syntax error ({err.msg})") from None
     try:
         return walk(tree)
-    except TypeError as err:  # e.g. min() with no arguments
+    except (TypeError, ValueError, OverflowError) as err:  # min() with no arguments, float(10**400)
         raise fail(str(err)) from None
 
 
@@ -289,7 +291,15 @@ def _translate_all(mods: list[Tagged], variables: dict, where: str, offset: floa
                 f"{at}: SparseML modifier !{mod.tag} is not supported by sparsify{hint} "
                 f"Supported: {', '.join(TRANSLATORS)}"
             )
-        items += [_shift(item, offset) for item in translator(dict(fields), at)]
+        translated = translator(dict(fields), at)
+        for item in translated:  # stages add epochs up before the native validation runs
+            for key in ("start_epoch", "end_epoch"):
+                if key in item and not _is_number(item[key]):
+                    raise RecipeError(
+                        f"{at}: field {key!r} = {item[key]!r} is not a number; write an epoch "
+                        "such as 2 or 2.5 (-1: from the start / never ends)"
+                    )
+        items += [_shift(item, offset) for item in translated]
     return items
 
 
@@ -422,7 +432,13 @@ def _lr_class(fields: dict, at: str) -> list[dict]:
     lr_class = fields.pop("lr_class", None)
     if lr_class not in _LR_CLASSES:
         raise RecipeError(f"{at}: lr_class {lr_class!r} is not supported; use one of {', '.join(_LR_CLASSES)}")
-    kwargs = dict(fields.pop("lr_kwargs", None) or {})
+    kwargs = fields.pop("lr_kwargs", None) or {}
+    if not isinstance(kwargs, dict):
+        raise RecipeError(
+            f"{at}: field 'lr_kwargs' = {kwargs!r} must be a mapping of {lr_class} arguments, "
+            f"e.g. {{{', '.join(f'{k}: ...' for k in _LR_CLASSES[lr_class])}}}"
+        )
+    kwargs = dict(kwargs)
     out: dict = {"type": "StepLearningRate"}
     _epochs(fields, out)
     fields.pop("update_frequency", None)

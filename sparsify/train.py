@@ -49,6 +49,7 @@ CHECKPOINT_DIR = "checkpoints"
 _EPOCH_FILE = re.compile(r"^epoch_(\d+)\.pt$")
 # settings that must match for a resumed run to continue the same run
 _RESUME_KEYS = ("model", "data", "batch_size", "seed", "optimizer", "world_size", "epochs")
+MAX_SEED = 2**32 - 1  # the range numpy's and every torch generator's seeds share
 
 
 @dataclass
@@ -76,10 +77,37 @@ class TrainConfig:
                 raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.epochs is not None and self.epochs < 0:
             raise InputError(f"epochs must be >= 0, got {self.epochs}")
-        if self.lr <= 0:
-            raise InputError(f"learning rate must be positive, got {self.lr}")
+        if not math.isfinite(self.lr) or self.lr <= 0:
+            raise InputError(f"learning rate (--lr) must be a finite number > 0, got {self.lr}")
+        for flag, value in (("--momentum", self.momentum), ("--weight-decay", self.weight_decay)):
+            if not math.isfinite(value) or value < 0:
+                raise InputError(f"{flag} must be a finite number >= 0, got {value}")
         if self.optimizer not in ("sgd", "adamw"):
             raise InputError(f"unknown optimizer {self.optimizer!r}; choose 'sgd' or 'adamw'")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) \
+                or not 0 <= self.seed <= MAX_SEED:
+            raise InputError(f"--seed must be an integer from 0 to {MAX_SEED}, got {self.seed!r}")
+        _check_device(self.device)
+
+
+def _check_device(device: str) -> None:
+    """Refuse a --device torch cannot parse or this machine does not have."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(f"--device {device!r} is not a device name; use cpu, cuda or "
+                         f"cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {device}: CUDA is not available on this machine; use "
+                             f"--device cpu")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise InputError(f"--device {device}: this machine has {count} CUDA device(s), "
+                             f"cuda:0 to cuda:{count - 1}; pick one of them")
+    elif dev.type != "cpu":
+        raise InputError(f"--device {device}: only cpu and cuda devices are supported; use cpu, "
+                         f"cuda or cuda:N")
 
 
 @dataclass
@@ -275,7 +303,7 @@ def train_baseline(model_name: str, data_name: str, epochs: int, lr: float = 0.0
 # fine-tuning under a recipe
 
 
-def _epoch_checkpoints(out: Path) -> list[tuple[int, Path]]:
+def epoch_checkpoints(out: Path) -> list[tuple[int, Path]]:
     folder = out / CHECKPOINT_DIR
     found = []
     if folder.is_dir():
@@ -286,8 +314,8 @@ def _epoch_checkpoints(out: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _resume_state(out: Path, cfg: dict) -> dict:
-    found = _epoch_checkpoints(out)
+def _resume_state(out: Path, cfg: dict) -> tuple[dict, Path]:
+    found = epoch_checkpoints(out)
     if not found:
         raise CheckpointError(f"nothing to resume in {out}: no {CHECKPOINT_DIR}/epoch_<n>.pt "
                               f"files; run without --resume to start")
@@ -302,7 +330,67 @@ def _resume_state(out: Path, cfg: dict) -> dict:
         raise InputError(f"cannot resume the run in {out} with different settings: "
                          + "; ".join(diff) + ". Use the original settings or a new --out")
     log.info("resuming from %s (epoch %d)", path, epoch)
-    return state
+    return state, path
+
+
+def _restore(state: dict, path: Path, model: nn.Module, optimizer, session) -> tuple[int, list]:
+    """Load a saved epoch into the run; returns (epochs done, metrics so far)."""
+    part = "session"
+    try:
+        session.load_state_dict(state["session"])
+        # after the session: its start-up may have touched weights, LR and momentum
+        part = "model"
+        load_into(model, state["model"], path)
+        part = "optimizer"
+        optimizer.load_state_dict(state["optimizer"])
+        part = "rng"
+        _set_rng_state(state["rng"])
+        part = "epoch"
+        return int(state["epoch"]), list(state["metrics"])
+    except CheckpointError as err:
+        if str(path) in str(err):
+            raise
+        raise CheckpointError(f"cannot resume from {path}: {err}") from None
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as err:
+        detail = (str(err).strip().splitlines() or [""])[0]
+        raise CheckpointError(
+            f"cannot resume from {path}: its {part!r} state is damaged or not written by "
+            f"sparsify ({type(err).__name__}: {detail}); delete the file to resume from an "
+            f"earlier epoch, or start a new run with another --out") from None
+
+
+def check_output_dir(out: Path) -> None:
+    """Fail before any work when ``out`` (--out) cannot become a directory."""
+    out = Path(out)
+    try:
+        if out.exists() and not out.is_dir():
+            raise InputError(f"--out {out} is a file; give a directory for the run's files")
+        above = next((p for p in out.parents if p.exists()), None)  # nearest existing ancestor
+    except OSError as err:  # e.g. a name too long for the file system
+        raise InputError(f"--out {out} is not a usable path: {err.strerror or err}") from None
+    if above is not None and not above.is_dir():
+        raise InputError(f"--out {out}: {above} is a file, not a directory; choose another --out")
+
+
+def _make_run_dirs(out: Path, created: list[Path]) -> None:
+    """Create out/checkpoints, listing in ``created`` (top first) each folder this call makes."""
+    folder = out / CHECKPOINT_DIR
+    created += [p for p in (folder, *folder.parents) if not p.exists()][::-1]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        at = f" ({err.filename})" if err.filename and str(err.filename) != str(out) else ""
+        raise InputError(f"cannot create --out {out}: {err.strerror or err}{at}; choose a "
+                         f"directory you can write to") from None
+
+
+def _remove_empty(created: list[Path]) -> None:
+    """Remove the folders a failed run created, if nothing was written into them."""
+    for path in reversed(created):
+        try:
+            path.rmdir()  # only ever removes an empty folder
+        except OSError:
+            pass
 
 
 def layer_sparsity(model: nn.Module) -> dict[str, dict]:
@@ -326,8 +414,7 @@ def finetune(recipe, checkpoint: str | os.PathLike, config: TrainConfig,
     cfg = config
     if cfg.out is None:
         raise InputError("fine-tuning needs an output directory (--out)")
-    if cfg.out.exists() and not cfg.out.is_dir():
-        raise InputError(f"--out {cfg.out} is a file; give a directory for the run's files")
+    check_output_dir(cfg.out)
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     end = rec.end_epoch if rec.end_epoch and rec.end_epoch > 0 else 0.0
     epochs = math.ceil(end - 1e-9) if cfg.epochs is None else cfg.epochs
@@ -339,16 +426,14 @@ def finetune(recipe, checkpoint: str | os.PathLike, config: TrainConfig,
     initial = load_checkpoint(checkpoint)  # fail fast, before any data is read
 
     d, device = _init_distributed(cfg.device)
+    created: list[Path] = []  # folders this run made: removed again if it fails before writing
     try:
         run_cfg = {**asdict(cfg), "out": str(cfg.out), "epochs": epochs, "world_size": d.world}
         out = cfg.out
-        if not resume and _epoch_checkpoints(out):
+        if not resume and epoch_checkpoints(out):
             raise InputError(f"{out} already holds a run ({CHECKPOINT_DIR}/); pass --resume to "
                              f"continue it or choose another --out")
-        state = _resume_state(out, run_cfg) if resume else None
-        if d.writer:
-            (out / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
-        d.barrier()
+        state, state_path = _resume_state(out, run_cfg) if resume else (None, None)
 
         torch.manual_seed(cfg.seed)
         train_ds, val_ds = load_dataset(cfg.data, "train"), load_dataset(cfg.data, "val")
@@ -364,12 +449,11 @@ def finetune(recipe, checkpoint: str | os.PathLike, config: TrainConfig,
         session = apply(model, rec, optimizer=optimizer, steps_per_epoch=steps)
         start, metrics = 0, []
         if state:
-            session.load_state_dict(state["session"])
-            # after the session: its start-up may have touched weights, LR and momentum
-            load_into(model, state["model"], out / CHECKPOINT_DIR)
-            optimizer.load_state_dict(state["optimizer"])
-            _set_rng_state(state["rng"])
-            start, metrics = int(state["epoch"]), list(state["metrics"])
+            start, metrics = _restore(state, state_path, model, optimizer, session)
+        # every input is checked: only now does the run create its folders
+        if d.writer:
+            _make_run_dirs(out, created)
+        d.barrier()
         net = model
         if d.world > 1:
             net = nn.parallel.DistributedDataParallel(
@@ -409,6 +493,9 @@ def finetune(recipe, checkpoint: str | os.PathLike, config: TrainConfig,
             _write_final(out, result, rec, cfg)
         d.barrier()
         return result
+    except BaseException:
+        _remove_empty(created)
+        raise
     finally:
         if d.owns_group and dist.is_initialized():
             dist.destroy_process_group()
@@ -423,7 +510,7 @@ def _write_epoch(out: Path, epoch: int, model, optimizer, session, metrics, run_
         "config": run_cfg, "recipe": rec.text,
     })
     atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
-    for old_epoch, old in _epoch_checkpoints(out)[:-keep]:
+    for old_epoch, old in epoch_checkpoints(out)[:-keep]:
         old.unlink(missing_ok=True)
 
 

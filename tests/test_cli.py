@@ -152,3 +152,55 @@ def test_real_process_prints_one_line_and_exits_2(files, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: checkpoint ")
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("extra,pattern", [
+    (["--device", "bogus"], r"--device 'bogus' is not a device name"),
+    (["--lr", "nan"], r"--lr\) must be a finite number > 0, got nan"),
+    (["--momentum", "-1"], r"--momentum must be a finite number >= 0"),
+    (["--weight-decay", "-1"], r"--weight-decay must be a finite number >= 0"),
+    (["--seed", "99999999999999999999999"], r"--seed must be an integer from 0 to 4294967295"),
+])
+def test_bad_apply_arguments_are_one_line_and_leave_no_folder(capsys, files, extra, pattern):
+    one_line_error(capsys, apply_args(files, files["good"], *extra), pattern)
+    assert not (files["dir"] / "out").exists()
+
+
+def test_apply_out_under_a_file_is_one_line(capsys, files):
+    (files["dir"] / "afile.txt").write_text("x")
+    argv = apply_args(files, files["good"])
+    argv[argv.index(str(files["dir"] / "out"))] = str(files["dir"] / "afile.txt" / "sub")
+    one_line_error(capsys, argv, r"--out .*afile\.txt/sub: .*afile\.txt is a file")
+
+
+def test_apply_failing_on_the_model_or_recipe_leaves_no_folder(capsys, files):
+    one_line_error(capsys, apply_args(files, files["wrong"]), r"does not fit model LeNet")
+    nothing = files["dir"] / "nothing.yaml"
+    nothing.write_text(RECIPE.replace("[Linear]", "[no_such_layer]"))
+    argv = apply_args(files, files["good"])
+    argv[argv.index(str(files["recipe"]))] = str(nothing)
+    one_line_error(capsys, argv, r"nothing\.yaml: modifier #1 \(MagnitudePruning\): target "
+                                 r"'no_such_layer' matches no")
+    assert not (files["dir"] / "out").exists()
+
+
+def test_recipe_field_error_names_the_file_and_modifier(capsys, files):
+    bad = files["dir"] / "badval.yaml"
+    bad.write_text(RECIPE.replace("0.5", "abc"))
+    argv = apply_args(files, files["good"])
+    argv[argv.index(str(files["recipe"]))] = str(bad)
+    one_line_error(capsys, argv, r"badval\.yaml: modifier #1 \(MagnitudePruning\): field "
+                                 r"'final_sparsity' = 'abc'")
+
+
+def test_demo_out_that_is_a_file_fails_before_training(capsys, files, monkeypatch):
+    from sparsify import demo
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the baseline must not be trained or loaded")
+
+    monkeypatch.setattr(demo, "baseline_checkpoint", no_training)
+    one_line_error(capsys, ["demo", "--out", str(files["recipe"]), "--no-engine"],
+                   r"--out .*r\.yaml is a file")
+    one_line_error(capsys, ["demo", "--recipe", str(files["dir"] / "nope.yaml"), "--no-engine"],
+                   r"recipe file .*nope\.yaml does not exist")

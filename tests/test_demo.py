@@ -80,3 +80,28 @@ def test_demo_flow_trains_once_then_reuses_the_cache(monkeypatch, tmp_path):
         assert abs(t["speedup"] - t["onnxruntime_ms"] / t["engine_ms"]) < 1e-9
     assert f"{e.top1:.2f}%" in text or f"{e.top1:.2f}%" in demo.format_demo(second)
     assert "onnxruntime" in demo.format_demo(second)
+
+
+def test_bad_out_or_recipe_fails_before_the_baseline(monkeypatch, tmp_path):
+    from sparsify.errors import RecipeError
+
+    def no_baseline(*args, **kwargs):
+        raise AssertionError("the baseline must not be trained or loaded")
+
+    monkeypatch.setattr(demo, "baseline_checkpoint", no_baseline)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(SMALL_RECIPE)
+    afile = tmp_path / "afile.txt"
+    afile.write_text("x")
+    with pytest.raises(InputError, match=r"--out .*afile\.txt is a file"):
+        demo.run_demo(recipe=recipe, out=afile, engine=False)
+    with pytest.raises(InputError, match=r"--out .*sub: .*afile\.txt is a file, not a directory"):
+        demo.run_demo(recipe=recipe, out=afile / "sub", engine=False)
+    with pytest.raises(RecipeError, match=r"nope\.yaml does not exist"):
+        demo.run_demo(recipe=tmp_path / "nope.yaml", out=tmp_path / "run", engine=False)
+    with pytest.raises(InputError, match="--seed"):
+        demo.run_demo(recipe=recipe, out=tmp_path / "run", seed=-1, engine=False)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "epoch_1.pt").write_bytes(b"")
+    with pytest.raises(InputError, match="already holds a run"):
+        demo.run_demo(recipe=recipe, out=tmp_path / "run", engine=False)

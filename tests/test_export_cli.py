@@ -86,3 +86,31 @@ def test_cli_export_errors_are_one_line(tmp_path, capsys):
     rc = main(["export", str(ckpt), "--model", "resnet18", "--data", "digits", "--num-classes",
                "7", "--format", "fp32", "--out", str(tmp_path / "m.onnx")])
     assert rc == 2 and "fc.weight" in capsys.readouterr().err
+
+
+def test_cli_export_bad_numbers_are_one_line_and_write_nothing(tmp_path, capsys):
+    from sparsify.export import MAX_OPSET, MIN_OPSET
+
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "lenet.pt",
+                           create_model("lenet", num_classes=10, **DIGITS).state_dict())
+    out = tmp_path / "m.onnx"
+    base = ["export", str(ckpt), "--model", "lenet", "--data", "digits", "--out", str(out)]
+    cases = [
+        (["--format", "fp32", "--opset", "99999"], f"opset 99999 is not supported: torch's "
+                                                  f"exporter writes opsets {MIN_OPSET} to "
+                                                  f"{MAX_OPSET}"),
+        (["--format", "fp32", "--opset", str(MAX_OPSET + 1)], "--opset"),
+        (["--format", "fp32", "--num-classes", "-5"], "--num-classes (num_classes) must be a "
+                                                      "positive integer, got -5"),
+        (["--format", "fp32", "--num-classes", "0"], "got 0"),
+        (["--format", "int8", "--calibration-data", "digits", "--calibration-batches", "-1"],
+         "--calibration-batches (num_batches) must be a positive integer, got -1"),
+    ]
+    for extra, expected in cases:
+        rc = main(base + extra)
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+        assert expected in err and "Traceback" not in err, err
+        assert not out.exists() and list(tmp_path.iterdir()) == [ckpt]
+    assert MIN_OPSET <= 18 <= MAX_OPSET

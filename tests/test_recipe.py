@@ -198,3 +198,27 @@ def test_a_path_that_is_not_a_recipe_file():
 def test_duplicate_key_is_an_error():
     message = error("modifiers:\n  - type: MagnitudePruning\n    final_sparsity: 0.5\n    final_sparsity: 0.9\n")
     assert "duplicate key 'final_sparsity'" in message and "line 4" in message
+
+
+def test_field_error_from_a_file_names_the_file_and_the_modifier(tmp_path):
+    path = tmp_path / "badval.yaml"
+    path.write_text("modifiers:\n  - type: EpochRange\n    end_epoch: 1\n"
+                    "  - type: MagnitudePruning\n    params: [Linear]\n    final_sparsity: abc\n")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: modifier #2 (MagnitudePruning): field 'final_sparsity' "
+                              f"= 'abc'"), message
+
+
+@pytest.mark.parametrize("field,value", [("end_epoch", ".inf"), ("start_epoch", "1e400"),
+                                         ("start_epoch", ".nan"), ("update_frequency", ".inf")])
+def test_non_finite_numbers_are_refused(tmp_path, field, value):
+    path = tmp_path / "inf.yaml"
+    path.write_text(f"modifiers:\n  - type: MagnitudePruning\n    params: [Linear]\n"
+                    f"    final_sparsity: 0.5\n    {field}: {value}\n")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: modifier #1 (MagnitudePruning): field '{field}'"), message
+    assert "finite number" in message

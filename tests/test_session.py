@@ -305,3 +305,11 @@ def test_masks_hold_on_cuda():
         for name, mask in session.masks.items():
             assert mask.is_cuda and (model.get_parameter(name)[~mask] == 0).all()
     assert session.sparsity()["fc.weight"] == 0.5
+
+
+@pytest.mark.parametrize("saved", [{"bogus": 1}, [1, 2], {"step": 0, "start_epoch": 0.0,
+                                                         "steps_per_epoch": 1, "masks": {}}])
+def test_resume_from_a_state_that_is_not_a_session_state_is_refused(saved):
+    session = sparsify.apply(make(), PRUNE.format(func="cubic"))
+    with pytest.raises(CheckpointError, match="not one Session.state_dict\\(\\) wrote.*modifiers"):
+        session.load_state_dict(saved)

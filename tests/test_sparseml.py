@@ -309,3 +309,33 @@ stage_b:
     _, step, epochs = recipe.modifiers
     assert step.start_epoch == 3 and step.milestones == [4, 5] and step.end_epoch == -1
     assert (epochs.start_epoch, epochs.end_epoch) == (3, 5) and recipe.end_epoch == 5
+
+
+def test_eval_result_beyond_the_float_range_is_a_recipe_error():
+    message = error("a: 99999999999999999999999999999999\nm_modifiers:\n"
+                    "  - !GMPruningModifier {final_sparsity: eval(a*a*a*a*a*a*a*a*a*a), "
+                    "end_epoch: 2}\n")
+    assert "eval(a*a*a*a*a*a*a*a*a*a) is not allowed" in message and "too large" in message
+    big = "1" + "0" * 400
+    assert "eval(float(a)) is not allowed" in error(
+        f"a: {big}\nm_modifiers:\n  - !GMPruningModifier {{final_sparsity: eval(float(a))}}\n")
+
+
+def test_lr_kwargs_that_is_not_a_mapping_is_named():
+    message = error("m_modifiers:\n  - !LearningRateModifier {lr_class: StepLR, lr_kwargs: 5, "
+                    "init_lr: 0.1, start_epoch: 0, end_epoch: 2}\n")
+    assert "!LearningRateModifier (line 2): field 'lr_kwargs' = 5 must be a mapping" in message
+    assert "step_size" in message
+
+
+def test_stage_epoch_that_is_not_a_number_is_named():
+    message = error("""
+stage_a:
+  m_modifiers:
+    - !GMPruningModifier {final_sparsity: 0.5, start_epoch: 0, end_epoch: abc}
+stage_b:
+  m_modifiers:
+    - !EpochRangeModifier {start_epoch: 0, end_epoch: 1}
+""")
+    assert "stage 'stage_a': !GMPruningModifier (line 4): field 'end_epoch' = 'abc' is not a " \
+           "number" in message

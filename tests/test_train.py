@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,7 +14,8 @@ import pytest
 import torch
 
 from sparsify.checkpoint import load_checkpoint, save_checkpoint
-from sparsify.errors import CheckpointError, InputError
+from sparsify import train as train_module
+from sparsify.errors import CheckpointError, DataError, InputError, RecipeError
 from sparsify.train import TrainConfig, evaluate, finetune, train_baseline
 from sparsify.data import load_dataset
 
@@ -241,3 +243,122 @@ def test_pruning_lenet_on_mnist_to_90_percent_keeps_accuracy(tmp_path):
     for name, layer in result.sparsity.items():
         if name != "features.0.weight":
             assert abs(layer["zeros"] - 0.9 * layer["numel"]) <= 1, name
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("lr", float("nan"), r"--lr\) must be a finite number > 0, got nan"),
+    ("lr", float("inf"), r"--lr\) must be a finite number > 0, got inf"),
+    ("momentum", -1.0, r"--momentum must be a finite number >= 0, got -1.0"),
+    ("momentum", float("nan"), r"--momentum must be a finite number >= 0"),
+    ("weight_decay", -1.0, r"--weight-decay must be a finite number >= 0, got -1.0"),
+    ("seed", 99999999999999999999999, r"--seed must be an integer from 0 to 4294967295"),
+    ("seed", -1, r"--seed must be an integer from 0 to 4294967295, got -1"),
+    ("device", "bogus", r"--device 'bogus' is not a device name; use cpu, cuda or cuda:N"),
+    ("device", "meta", r"--device meta: only cpu and cuda"),
+])
+def test_config_refuses_bad_numbers_and_devices(tmp_path, field, value, message):
+    with pytest.raises(InputError, match=message):
+        cfg(tmp_path, **{field: value})
+
+
+def test_config_refuses_a_cuda_device_this_machine_lacks(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(InputError, match="--device cuda: CUDA is not available.*--device cpu"):
+        cfg(tmp_path, device="cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(InputError, match="--device cuda:5: this machine has 2 CUDA device"):
+        cfg(tmp_path, device="cuda:5")
+    assert cfg(tmp_path, device="cuda:1").device == "cuda:1"
+
+
+ONE_EPOCH = """
+modifiers:
+  - type: MagnitudePruning
+    params: [Linear]
+    final_sparsity: 0.5
+    start_epoch: 0
+    end_epoch: 1
+"""
+
+
+def test_a_run_that_fails_leaves_no_folders_behind(tmp_path, digits_ckpt, monkeypatch):
+    out = tmp_path / "new" / "run"
+    nothing = ONE_EPOCH.replace("[Linear]", "[no_such_layer]")
+    with pytest.raises(RecipeError, match="no_such_layer"):
+        finetune(nothing, digits_ckpt, cfg(out))
+    with pytest.raises(CheckpointError, match="does not fit"):
+        finetune(ONE_EPOCH, digits_ckpt, cfg(out, model="resnet18"))
+    with pytest.raises(DataError, match="unknown dataset"):
+        finetune(ONE_EPOCH, digits_ckpt, cfg(out, data="cifar10"))
+    assert not (tmp_path / "new").exists()
+    # interrupted in the first epoch: nothing on disk yet, so nothing is left
+    monkeypatch.setattr(train_module, "_train_epoch", _interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(ONE_EPOCH, digits_ckpt, cfg(out))
+    assert not (tmp_path / "new").exists()
+    # a folder that existed before the run is kept
+    out.mkdir(parents=True)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(ONE_EPOCH, digits_ckpt, cfg(out))
+    assert out.is_dir() and not (out / "checkpoints").exists()
+
+
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+def test_out_that_cannot_be_a_folder_is_an_input_error(tmp_path, digits_ckpt, monkeypatch):
+    (tmp_path / "afile.txt").write_text("x")
+    with pytest.raises(InputError, match=r"--out .*sub: .*afile\.txt is a file, not a directory"):
+        finetune(ONE_EPOCH, digits_ckpt, cfg(tmp_path / "afile.txt" / "sub"))
+    with pytest.raises(InputError, match="--out .* is not a usable path: File name too long"):
+        finetune(ONE_EPOCH, digits_ckpt, cfg(tmp_path / ("x" * 300)))
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    with pytest.raises(InputError, match="cannot create --out .*: Permission denied"):
+        finetune(ONE_EPOCH, digits_ckpt, cfg(tmp_path / "run"))
+
+
+@pytest.fixture(scope="module")
+def one_epoch_run(tmp_path_factory, digits_ckpt):
+    out = tmp_path_factory.mktemp("one") / "run"
+    finetune(ONE_EPOCH, digits_ckpt, cfg(out))
+    return out
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda s: s["session"].pop("modifiers"), r"saved session state .* needs .*modifiers"),
+    (lambda s: s["session"].update(modifiers=[1]), r"'session' state is damaged.*TypeError"),
+    (lambda s: s.update(rng={"torch": torch.zeros(3)}), r"'rng' state is damaged.*TypeError"),
+    (lambda s: s.update(rng=5), r"'rng' state is damaged"),
+    (lambda s: s.update(metrics=3), r"'epoch' state is damaged"),
+])
+def test_resume_from_a_damaged_epoch_file_names_it(tmp_path, digits_ckpt, one_epoch_run,
+                                                   damage, message):
+    out = tmp_path / "run"
+    shutil.copytree(one_epoch_run, out)
+    epoch_file = out / "checkpoints" / "epoch_1.pt"
+    state = torch.load(epoch_file, weights_only=True)
+    damage(state)
+    torch.save(state, epoch_file)
+    with pytest.raises(CheckpointError) as info:
+        finetune(ONE_EPOCH, digits_ckpt, cfg(out), resume=True)
+    assert str(info.value).startswith(f"cannot resume from {epoch_file}: "), info.value
+    assert re.search(message, str(info.value)), info.value
+
+
+def test_resume_with_weights_of_another_model_names_the_epoch_file(tmp_path, digits_ckpt,
+                                                                   one_epoch_run):
+    out = tmp_path / "run"
+    shutil.copytree(one_epoch_run, out)
+    epoch_file = out / "checkpoints" / "epoch_1.pt"
+    state = torch.load(epoch_file, weights_only=True)
+    state["model"] = {"x": torch.zeros(1)}
+    torch.save(state, epoch_file)
+    with pytest.raises(CheckpointError, match=f"checkpoint {re.escape(str(epoch_file))} does "
+                                              f"not fit model LeNet"):
+        finetune(ONE_EPOCH, digits_ckpt, cfg(out), resume=True)

@@ -102,7 +102,8 @@ class Modifier(BaseModel):
     ``RecipeError`` naming the modifier and the field, as it does from a recipe file.
     """
 
-    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+    # a recipe number is finite: an epoch of .inf (or 1e400) would never be reached
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, allow_inf_nan=False)
 
     def __init__(self, /, **data: Any) -> None:
         try:

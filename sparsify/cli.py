@@ -180,10 +180,10 @@ def _run_export(args: argparse.Namespace) -> int:
 
 def _add_run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", type=Path, help="the .onnx file to run")
-    parser.add_argument("--input", action="append", required=True, metavar="[NAME=]FILE",
+    parser.add_argument("--input", action="append", default=[], metavar="[NAME=]FILE",
                         help="an input array: FILE.npy (the next model input, in graph order), "
                              "NAME=FILE.npy, or FILE.npz holding arrays named like the inputs; "
-                             "repeat for several inputs")
+                             "repeat for several inputs (none for a model without inputs)")
     parser.add_argument("--threads", type=int, default=None,
                         help="worker threads for the kernels (default: all cores)")
     parser.add_argument("--output", type=Path, default=None,

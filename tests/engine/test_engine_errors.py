@@ -312,3 +312,17 @@ def test_unreadable_input_files_are_input_errors(tmp_path):
             read_feeds([str(tmp_path / name)], ["x"])
     with pytest.raises(InputError, match="is a directory"):
         read_feeds([str(tmp_path)], ["x"])
+
+
+def test_cli_run_without_inputs(tmp_path, capsys):
+    """A model without inputs runs with no --input; one with inputs names the missing ones."""
+    from sparsify.cli import main
+
+    const = _graph_model([helper.make_node("Relu", ["c"], ["y"])], [], [_vec("y", None)],
+                         [numpy_helper.from_array(np.array([-1.0, 2.0], np.float32), "c")])
+    onnx.save(const, str(tmp_path / "const.onnx"))
+    assert main(["run", str(tmp_path / "const.onnx")]) == 0
+    assert "y: shape [2] float32" in capsys.readouterr().out
+    onnx.save(_model(), str(tmp_path / "m.onnx"))
+    assert main(["run", str(tmp_path / "m.onnx")]) == 2
+    assert "missing input(s) ['x', 'y']" in capsys.readouterr().err

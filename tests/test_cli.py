@@ -173,22 +173,25 @@ def test_apply_out_under_a_file_is_one_line(capsys, files):
     one_line_error(capsys, argv, r"--out .*afile\.txt/sub: .*afile\.txt is a file")
 
 
+def apply_with_recipe(files, name: str, text: str) -> list[str]:
+    """apply's arguments with the recipe replaced by ``text``, written to ``name``."""
+    recipe = files["dir"] / name
+    recipe.write_text(text)
+    argv = apply_args(files, files["good"])
+    argv[argv.index(str(files["recipe"]))] = str(recipe)
+    return argv
+
+
 def test_apply_failing_on_the_model_or_recipe_leaves_no_folder(capsys, files):
     one_line_error(capsys, apply_args(files, files["wrong"]), r"does not fit model LeNet")
-    nothing = files["dir"] / "nothing.yaml"
-    nothing.write_text(RECIPE.replace("[Linear]", "[no_such_layer]"))
-    argv = apply_args(files, files["good"])
-    argv[argv.index(str(files["recipe"]))] = str(nothing)
+    argv = apply_with_recipe(files, "nothing.yaml", RECIPE.replace("[Linear]", "[no_such_layer]"))
     one_line_error(capsys, argv, r"nothing\.yaml: modifier #1 \(MagnitudePruning\): target "
                                  r"'no_such_layer' matches no")
     assert not (files["dir"] / "out").exists()
 
 
 def test_recipe_field_error_names_the_file_and_modifier(capsys, files):
-    bad = files["dir"] / "badval.yaml"
-    bad.write_text(RECIPE.replace("0.5", "abc"))
-    argv = apply_args(files, files["good"])
-    argv[argv.index(str(files["recipe"]))] = str(bad)
+    argv = apply_with_recipe(files, "badval.yaml", RECIPE.replace("0.5", "abc"))
     one_line_error(capsys, argv, r"badval\.yaml: modifier #1 \(MagnitudePruning\): field "
                                  r"'final_sparsity' = 'abc'")
 

@@ -59,6 +59,8 @@ def _read(source: str | Path) -> tuple[str, Path | None]:
         path = Path(source.strip())
     else:
         return str(source), None
+    if path.is_dir():
+        raise RecipeError(f"recipe {path} is a directory; pass a YAML file path or YAML text")
     if not path.is_file():
         raise RecipeError(f"recipe file {path} does not exist (pass a YAML file path or YAML text)")
     try:
@@ -108,6 +110,9 @@ def load_recipe(source: str | Path | Recipe) -> Recipe:
 
 def _native_items(data: Any, where: str) -> tuple[list[dict], dict[str, Any]]:
     if isinstance(data, str) and "\n" not in data.strip():
+        if Path(data.strip()).is_file():
+            raise RecipeError(f"recipe {data!r} is a file but not a recipe: name a .yaml, .yml or "
+                              f".md file that holds a 'modifiers' list")
         raise RecipeError(
             f"recipe {data!r} is neither an existing .yaml file nor YAML text with a 'modifiers' list"
         )

@@ -222,3 +222,15 @@ def test_non_finite_numbers_are_refused(tmp_path, field, value):
     message = str(info.value)
     assert message.startswith(f"{path}: modifier #1 (MagnitudePruning): field '{field}'"), message
     assert "finite number" in message
+
+
+def test_a_directory_or_a_non_yaml_file_as_recipe_is_named(tmp_path, monkeypatch):
+    from sparsify.errors import RecipeError
+    from sparsify.recipe import load_recipe
+
+    with pytest.raises(RecipeError, match="is a directory"):
+        load_recipe(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "weights.npy").write_bytes(b"\x93NUMPY")
+    with pytest.raises(RecipeError, match="is a file but not a recipe"):
+        load_recipe("weights.npy")

@@ -225,9 +225,6 @@ def test_non_finite_numbers_are_refused(tmp_path, field, value):
 
 
 def test_a_directory_or_a_non_yaml_file_as_recipe_is_named(tmp_path, monkeypatch):
-    from sparsify.errors import RecipeError
-    from sparsify.recipe import load_recipe
-
     with pytest.raises(RecipeError, match="is a directory"):
         load_recipe(tmp_path)
     monkeypatch.chdir(tmp_path)

@@ -265,6 +265,45 @@ def _run_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_verify_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", type=Path, help="the .onnx file to check")
+    parser.add_argument("--batch", type=int, default=1,
+                        help="batch size for random inputs (a symbolic first axis; default 1)")
+    parser.add_argument("--input", action="append", default=None, metavar="[NAME=]FILE",
+                        help="use these arrays instead of random inputs (as for `sparsify run`)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads for both runtimes (default: all cores)")
+    parser.add_argument("--per-node", action="store_true",
+                        help="also compare every intermediate value both runtimes compute and "
+                             "name the first node past the tolerance")
+    parser.add_argument("--tolerance", type=float, default=1e-4,
+                        help="largest max|engine - ort| / max|ort| accepted (default 1e-4)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results to this file")
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    """Compare the engine's outputs (and with --per-node every value) with onnxruntime's on the
+    same inputs; exits 1 when an output differs by more than the tolerance."""
+    from sparsify.engine import Engine
+    from sparsify.engine.verify import format_verify, verify, write_json
+
+    if args.batch <= 0:
+        raise InputError(f"--batch must be a positive integer, got {args.batch}")
+    engine = Engine(args.model, threads=args.threads)
+    feeds = None
+    if args.input:
+        from sparsify.engine.engine import read_feeds
+
+        feeds = read_feeds(args.input, engine.input_names)
+    result = verify(engine, feeds, batch=args.batch, threads=args.threads,
+                    per_node=args.per_node, tolerance=args.tolerance)
+    print(format_verify(result))
+    if args.json is not None:
+        write_json(result, args.json)
+        print(f"wrote {args.json}")
+    return 0 if result["ok"] else 1
+
+
 # ---------------------------------------------------------------------------------------------
 # The command table: name -> (add arguments, run). Add a command by adding one row.
 
@@ -275,6 +314,7 @@ COMMANDS = {
     "export": (_add_export_args, _run_export),
     "run": (_add_run_args, _run_run),
     "benchmark": (_add_benchmark_args, _run_benchmark),
+    "verify": (_add_verify_args, _run_verify),
 }
 
 

@@ -136,8 +136,20 @@ class Engine:
                          "kind": layer.get("kind"), "blocks": layer.get("blocks")})
         return rows
 
-    def _execute(self, feeds: dict, times: list | None = None) -> list:
-        """Runs every step; returns the value slots. ``times[k]`` collects step k's durations."""
+    def run_values(self, feeds: dict) -> dict:
+        """Every value the plan computes (what fusion left of the graph's intermediate values,
+        and its outputs), by value name, each copied as its step wrote it: what
+        ``sparsify.engine.verify`` compares node by node with onnxruntime. Fused-away values
+        (a Conv's output that its ReLU consumed inside the kernel) are not among them."""
+        record: dict = {}
+        self._execute(feeds, record=record)
+        names = self.plan.value_names
+        return {names[slot]: value for slot, value in record.items() if slot in names}
+
+    def _execute(self, feeds: dict, times: list | None = None, record: dict | None = None) -> list:
+        """Runs every step; returns the value slots. ``times[k]`` collects step k's durations;
+        ``record`` (slot -> array) receives a copy of each step's output as it is written (later
+        steps may reuse the buffer in place)."""
         vals = list(self.plan.init)
         for slot, arr in self._checked(feeds):
             vals[slot] = arr
@@ -159,6 +171,9 @@ class Engine:
                     else:
                         for o, v in zip(out, r):
                             vals[o] = v
+                    if record is not None:
+                        for o in ((out,) if out.__class__ is int else out):
+                            record[o] = np.array(vals[o], copy=True)
                     for i in free:
                         vals[i] = None
         except Exception as err:  # a node's op fails: name it, whatever the op raised

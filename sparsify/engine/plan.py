@@ -50,6 +50,7 @@ class Plan:
     outputs: list  # (name, slot)
     layers: list = field(default_factory=list)  # report rows for Conv/Gemm/MatMul with constant weights
     node_kinds: dict = field(default_factory=dict)  # original node name -> native | numpy | folded
+    value_names: dict = field(default_factory=dict)  # slot -> the graph value it holds
 
 
 def attributes(node) -> dict:
@@ -235,4 +236,5 @@ def build_plan(model: onnx.ModelProto, kind: str = "auto") -> Plan:
         out = outs if s.multi else outs[0]
         steps.append(Step(s.fn, ins, out, tuple(free), s.op, s.name, s.native))
     inputs = [(name, slots[name], dtype, shape) for name, dtype, shape in feeds]
-    return Plan(steps, init, inputs, out_slots, layers, kinds)
+    return Plan(steps, init, inputs, out_slots, layers, kinds,
+                {index: name for name, index in slots.items()})

@@ -278,6 +278,12 @@ def _add_verify_args(parser: argparse.ArgumentParser) -> None:
                              "name the first node past the tolerance")
     parser.add_argument("--tolerance", type=float, default=1e-4,
                         help="largest max|engine - ort| / max|ort| accepted (default 1e-4)")
+    parser.add_argument("--data", default=None,
+                        help="also run a built-in dataset through both runtimes (as for `apply`): "
+                             "top-1 of each and how often they agree")
+    parser.add_argument("--split", default="val", choices=("train", "val"),
+                        help="the dataset split for --data (default val)")
+    parser.add_argument("--limit", type=int, default=None, help="use the first N items of --data")
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this file")
 
 
@@ -289,6 +295,10 @@ def _run_verify(args: argparse.Namespace) -> int:
 
     if args.batch <= 0:
         raise InputError(f"--batch must be a positive integer, got {args.batch}")
+    if args.input and args.data:
+        raise InputError("give --input or --data, not both")
+    if args.limit is not None and args.limit <= 0:
+        raise InputError(f"--limit must be a positive integer, got {args.limit}")
     engine = Engine(args.model, threads=args.threads)
     feeds = None
     if args.input:
@@ -296,7 +306,8 @@ def _run_verify(args: argparse.Namespace) -> int:
 
         feeds = read_feeds(args.input, engine.input_names)
     result = verify(engine, feeds, batch=args.batch, threads=args.threads,
-                    per_node=args.per_node, tolerance=args.tolerance)
+                    per_node=args.per_node, tolerance=args.tolerance, data=args.data,
+                    split=args.split, limit=args.limit)
     print(format_verify(result))
     if args.json is not None:
         write_json(result, args.json)

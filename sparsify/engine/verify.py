@@ -51,8 +51,9 @@ def _as_graph_layout(got: np.ndarray, shape: tuple) -> np.ndarray:
     return got
 
 
-def _ort_values(proto: onnx.ModelProto, feeds: dict, names: list[str], threads) -> dict:
-    """onnxruntime's values for ``names`` (graph outputs or intermediate values)."""
+def _ort_runner(proto: onnx.ModelProto, names: list[str], threads):
+    """A function feeds -> {name: onnxruntime's value} for ``names`` (graph outputs or
+    intermediate values, which become graph outputs of a copy of the model)."""
     import onnxruntime as ort
 
     model = onnx.ModelProto()
@@ -73,24 +74,88 @@ def _ort_values(proto: onnx.ModelProto, feeds: dict, names: list[str], threads) 
     opts = ort.SessionOptions()
     if threads is not None:
         opts.intra_op_num_threads = threads
+
+    def failed(err):
+        if type(err).__module__.split(".")[0] != "onnxruntime":
+            raise err
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return EngineError(f"onnxruntime cannot run this model ({first}), so there is nothing to "
+                           "verify the engine against")
+
     try:
         sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        wanted = [o.name for o in sess.get_outputs() if o.name in set(names)]
-        values = sess.run(wanted, feeds)
     except Exception as err:  # onnxruntime's own exception types
-        if type(err).__module__.split(".")[0] != "onnxruntime":
-            raise
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise EngineError(f"onnxruntime cannot run this model ({first}), so there is nothing to "
-                          "verify the engine against") from None
-    return dict(zip(wanted, values))
+        raise failed(err) from None
+    wanted = [o.name for o in sess.get_outputs() if o.name in set(names)]
+
+    def run(feeds: dict) -> dict:
+        try:
+            return dict(zip(wanted, sess.run(wanted, feeds)))
+        except Exception as err:  # noqa: BLE001
+            raise failed(err) from None
+    return run
+
+
+def _dataset_inputs(engine, data: str, split: str, limit: int | None):
+    """(input name, inputs as numpy, labels) of a built-in dataset, checked against the
+    model's single input."""
+    from sparsify.data import load_dataset
+
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
+        raise InputError(f"limit must be a positive integer, got {limit!r}")
+    dataset = load_dataset(data, split)
+    if len(engine.plan.inputs) != 1:
+        raise InputError(f"a dataset feeds models with one input; this one has {engine.input_names}")
+    name, _, dtype, shape = engine.plan.inputs[0]
+    x, y = dataset.inputs.numpy(), dataset.labels.numpy()
+    if limit is not None:
+        x, y = x[:limit], y[:limit]
+    fits = shape is None or (len(shape) == x.ndim and all(
+        not isinstance(d, int) or d <= 0 or d == got for d, got in zip(shape[1:], x.shape[1:])))
+    if not fits:
+        raise InputError(f"the model's input {name!r} has shape [{', '.join(map(str, shape))}], "
+                         f"{data}'s items are {list(x.shape[1:])}: verify it on the data it was "
+                         "trained for")
+    if dtype is not None and x.dtype != dtype:
+        if x.dtype.kind != dtype.kind:
+            raise InputError(f"the model's input {name!r} is {dtype}, {data}'s items are {x.dtype}")
+        x = x.astype(dtype)
+    return name, x, y
+
+
+def _dataset_check(engine, proto, name, x, y, threads, chunk: int = 250) -> dict:
+    """Top-1 of both runtimes over the items, how often their predictions agree, and the
+    largest relative difference of their first outputs."""
+    first = engine.output_names[0]
+    ort_run = _ort_runner(proto, [first], threads)
+    ours, theirs = [], []
+    for i in range(0, len(x), chunk):
+        feeds = {name: x[i:i + chunk]}
+        ours.append(np.asarray(engine.run(feeds)[0]))
+        theirs.append(np.asarray(ort_run(feeds)[first]))
+    ours, theirs = np.concatenate(ours), np.concatenate(theirs)
+    if ours.ndim != 2:
+        raise InputError(f"the model's first output has shape {list(ours.shape)}; a dataset check "
+                         "needs [items, classes] scores")
+    return {"items": len(y),
+            "top1": {"engine": 100.0 * float((ours.argmax(1) == y).mean()),
+                     "onnxruntime": 100.0 * float((theirs.argmax(1) == y).mean())},
+            "agreement": 100.0 * float((ours.argmax(1) == theirs.argmax(1)).mean()),
+            "rel_diff": _rel_diff(ours, theirs)}
 
 
 def verify(model, feeds: dict | None = None, *, batch: int = 1, threads: int | None = None,
-           per_node: bool = False, tolerance: float = 1e-4) -> dict:
+           per_node: bool = False, tolerance: float = 1e-4, data: str | None = None,
+           split: str = "val", limit: int | None = None) -> dict:
     """Run ``model`` (an .onnx path, a ModelProto or an ``Engine``) on the engine and on
     onnxruntime with the same inputs (``feeds``, or random ones of the declared shapes with the
     batch axis set to ``batch``) and compare.
+
+    With ``data`` (a built-in dataset name, as for ``sparsify apply``), the items of its
+    ``split`` (the first ``limit``) go through both runtimes too: ``result["dataset"]`` holds
+    ``{"name", "split", "items", "top1": {"engine", "onnxruntime"}, "agreement", "rel_diff"}``
+    (agreement: the share of items whose top class is the same), and the per-output and per-node
+    checks run on its first ``batch`` items.
 
     Returns ``{"ok", "tolerance", "outputs": [{"name", "shape", "rel_diff", "ok"}], "nodes": [...],
     "compared", "not_compared", "first_divergence"}``; ``nodes`` (with ``per_node``) holds one
@@ -104,6 +169,14 @@ def verify(model, feeds: dict | None = None, *, batch: int = 1, threads: int | N
             or not np.isfinite(tolerance) or tolerance < 0:
         raise InputError(f"tolerance must be a finite number >= 0, got {tolerance!r}")
     engine = model if isinstance(model, Engine) else Engine(model, threads=threads)
+    dataset = None
+    if data is not None:
+        if feeds is not None:
+            raise InputError("give feeds or data, not both")
+        name, x, y = _dataset_inputs(engine, data, split, limit)
+        dataset = {"name": data, "split": split,
+                   **_dataset_check(engine, engine.model, name, x, y, threads)}
+        feeds = {name: x[:batch]}
     if feeds is None:
         feeds = sample_feeds(engine, batch)
     proto = engine.model
@@ -112,7 +185,7 @@ def verify(model, feeds: dict | None = None, *, batch: int = 1, threads: int | N
     values = engine.run_values(feeds) if per_node else {}
     graph_values = {o for n in proto.graph.node for o in n.output}
     inner = [n for n in values if n in graph_values and n not in ours]
-    theirs = _ort_values(proto, feeds, names + inner, threads)
+    theirs = _ort_runner(proto, names + inner, threads)(feeds)
 
     outputs = []
     for name in names:
@@ -137,9 +210,13 @@ def verify(model, feeds: dict | None = None, *, batch: int = 1, threads: int | N
                 first = row
         nodes.append(row)
     compared = sum(r["rel_diff"] is not None for r in nodes)
-    return {"ok": all(o["ok"] for o in outputs), "tolerance": tolerance, "outputs": outputs,
-            "nodes": nodes, "compared": compared, "not_compared": len(nodes) - compared,
-            "first_divergence": first}
+    result = {"ok": all(o["ok"] for o in outputs), "tolerance": tolerance, "outputs": outputs,
+              "nodes": nodes, "compared": compared, "not_compared": len(nodes) - compared,
+              "first_divergence": first}
+    if dataset is not None:
+        result["dataset"] = dataset
+        result["ok"] = result["ok"] and dataset["rel_diff"] <= tolerance
+    return result
 
 
 def format_verify(result: dict, top: int = 5) -> str:
@@ -163,6 +240,12 @@ def format_verify(result: dict, top: int = 5) -> str:
                        key=lambda r: -r["rel_diff"])[:top]
         lines.append("largest differences:")
         lines += [f"  {r['rel_diff']:.2e}  {r['name']} ({r['op']})" for r in worst]
+    ds = result.get("dataset")
+    if ds:
+        lines.append(f"\n{ds['name']} ({ds['split']}, {ds['items']} items): top-1 engine "
+                     f"{ds['top1']['engine']:.2f}%, onnxruntime {ds['top1']['onnxruntime']:.2f}%; "
+                     f"same top class on {ds['agreement']:.2f}% of items; scores within "
+                     f"{ds['rel_diff']:.2e}")
     lines.append("verdict: " + ("the engine agrees with onnxruntime" if result["ok"]
                                 else f"outputs differ from onnxruntime by more than {tol:g}"))
     return "\n".join(lines)

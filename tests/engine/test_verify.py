@@ -99,3 +99,32 @@ def test_cli_verify_exits_1_when_outputs_differ(tmp_path, capsys, monkeypatch):
     assert main(["verify", str(path), "--per-node"]) == 1
     out = capsys.readouterr().out
     assert "first value past 0.0001: 'p1' from node 'pool'" in out and "differ from onnxruntime" in out
+
+
+def test_dataset_check_reports_top1_and_agreement(tmp_path, capsys):
+    """A LeNet for the digits data (untrained: the two runtimes must still agree item by item)."""
+    import torch
+
+    from sparsify.data import dataset_shape, load_dataset
+    from sparsify.export import export
+    from sparsify.models import create_model
+
+    classes, kwargs = dataset_shape("digits")
+    torch.manual_seed(0)
+    net = create_model("lenet", num_classes=classes, **kwargs).eval()
+    path = tmp_path / "lenet.onnx"
+    export(net, path, load_dataset("digits", "val").inputs[:1], format="fp32")
+    result = verify(path, data="digits", limit=100, batch=3, per_node=True)
+    ds = result["dataset"]
+    assert result["ok"] and ds["items"] == 100 and ds["agreement"] == 100.0
+    assert ds["top1"]["engine"] == ds["top1"]["onnxruntime"] and ds["rel_diff"] < 1e-5
+    assert result["outputs"][0]["shape"] == [3, classes]
+    assert main(["verify", str(path), "--data", "digits", "--limit", "50"]) == 0
+    assert "digits (val, 50 items): top-1 engine" in capsys.readouterr().out
+    with pytest.raises(InputError, match="give feeds or data"):
+        verify(path, {"x": np.zeros((1, 1, 8, 8), np.float32)}, data="digits")
+    other = tmp_path / "small.onnx"
+    onnx.save(small_model(), str(other))
+    with pytest.raises(InputError, match="verify it on the data it was trained for"):
+        verify(other, data="digits")
+    assert main(["verify", str(path), "--data", "digits", "--limit", "0"]) == 2

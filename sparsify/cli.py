@@ -222,14 +222,19 @@ def _run_run(args: argparse.Namespace) -> int:
 # benchmark: the engine against onnxruntime on the same file
 
 
-def _add_benchmark_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", type=Path, help="the .onnx file to time")
+def _add_model_and_inputs(parser: argparse.ArgumentParser, purpose: str) -> None:
+    """The model, batch, inputs and threads that benchmark and verify share."""
+    parser.add_argument("model", type=Path, help=f"the .onnx file to {purpose}")
     parser.add_argument("--batch", type=int, default=1,
                         help="batch size for random inputs (a symbolic first axis; default 1)")
     parser.add_argument("--input", action="append", default=None, metavar="[NAME=]FILE",
                         help="use these arrays instead of random inputs (as for `sparsify run`)")
     parser.add_argument("--threads", type=int, default=None,
                         help="threads for both runtimes (default: all cores)")
+
+
+def _add_benchmark_args(parser: argparse.ArgumentParser) -> None:
+    _add_model_and_inputs(parser, "time")
     parser.add_argument("--repeats", type=int, default=30, help="timed calls per runtime (default 30)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls before each block")
     parser.add_argument("--no-onnxruntime", action="store_true", help="time the engine only")
@@ -266,13 +271,7 @@ def _run_benchmark(args: argparse.Namespace) -> int:
 
 
 def _add_verify_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", type=Path, help="the .onnx file to check")
-    parser.add_argument("--batch", type=int, default=1,
-                        help="batch size for random inputs (a symbolic first axis; default 1)")
-    parser.add_argument("--input", action="append", default=None, metavar="[NAME=]FILE",
-                        help="use these arrays instead of random inputs (as for `sparsify run`)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="threads for both runtimes (default: all cores)")
+    _add_model_and_inputs(parser, "check")
     parser.add_argument("--per-node", action="store_true",
                         help="also compare every intermediate value both runtimes compute and "
                              "name the first node past the tolerance")

@@ -168,6 +168,8 @@ def verify(model, feeds: dict | None = None, *, batch: int = 1, threads: int | N
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) \
             or not np.isfinite(tolerance) or tolerance < 0:
         raise InputError(f"tolerance must be a finite number >= 0, got {tolerance!r}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch <= 0:
+        raise InputError(f"batch must be a positive integer, got {batch!r}")
     engine = model if isinstance(model, Engine) else Engine(model, threads=threads)
     dataset = None
     if data is not None:

@@ -70,9 +70,11 @@ def test_rel_diff_counts_nan_and_inf_positions():
     assert _rel_diff(np.array([1, 2]), np.array([1, 3])) == float("inf")  # integers: exact
 
 
-def test_bad_tolerance():
+def test_bad_tolerance_and_batch():
     with pytest.raises(InputError, match="tolerance"):
         verify(small_model(), tolerance=float("nan"))
+    with pytest.raises(InputError, match="batch must be a positive integer"):
+        verify(small_model(), batch=0)
 
 
 def test_cli_verify(tmp_path, capsys):

@@ -72,7 +72,10 @@ def matmul(A, B):
     OpenMP threads spin against each other on a small machine (measured: 300 ms instead of
     0.3 ms for BERT's attention scores on 2 cores).
     """
-    if A.dtype != np.float32 or B.dtype != np.float32 or A.ndim < 2 or B.ndim < 2 or not A.size or not B.size:
+    if A.dtype != B.dtype:  # ONNX types both inputs alike; NumPy would promote silently
+        raise InputError(f"the two inputs have types {A.dtype} and {B.dtype}; ONNX's MatMul and "
+                         "Gemm take one type (insert a Cast)")
+    if A.dtype != np.float32 or A.ndim < 2 or B.ndim < 2 or not A.size or not B.size:
         return np.matmul(A, B)
     batch = np.broadcast_shapes(A.shape[:-2], B.shape[:-2])
     (m, _), n = A.shape[-2:], B.shape[-1]

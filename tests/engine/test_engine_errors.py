@@ -326,3 +326,11 @@ def test_cli_run_without_inputs(tmp_path, capsys):
     onnx.save(_model(), str(tmp_path / "m.onnx"))
     assert main(["run", str(tmp_path / "m.onnx")]) == 2
     assert "missing input(s) ['x', 'y']" in capsys.readouterr().err
+
+
+def test_matmul_of_two_types_is_refused():
+    node = helper.make_node("MatMul", ["x", "W"], ["y"], name="mixed")
+    model = _graph_model([node], [_vec("x")], [_vec("y", None)],
+                         [numpy_helper.from_array(np.ones((4, 3), np.int32), "W")])
+    with pytest.raises(EngineError, match=r"node 'mixed' \(MatMul\).*types float32 and int32"):
+        Engine(model).run({"x": _f32(2, 4)})

@@ -107,8 +107,9 @@ def _items(feeds: dict) -> int:
     return int(first.shape[0]) if first is not None and first.ndim else 1
 
 
-def ort_session(path, threads: int | None):
-    """An onnxruntime CPU session with all graph optimizations, timed like the engine."""
+def ort_session(model, threads: int | None):
+    """An onnxruntime CPU session with all graph optimizations, timed like the engine; ``model``
+    is an .onnx path or a serialized model (bytes)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -116,7 +117,17 @@ def ort_session(path, threads: int | None):
     if threads is not None:
         opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
-    return ort.InferenceSession(os.fspath(path), opts, providers=["CPUExecutionProvider"])
+    source = model if isinstance(model, bytes) else os.fspath(model)
+    return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+
+
+def ort_failure(err: Exception, what: str) -> EngineError:
+    """onnxruntime's own exception (whatever its type) as an EngineError: ``what`` and its first
+    line; any other exception is re-raised as it is."""
+    if type(err).__module__.split(".")[0] != "onnxruntime":
+        raise err
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return EngineError(what.format(reason=first))
 
 
 def benchmark(model, *, batch: int = 1, threads: int | None = None, repeats: int = 30,
@@ -144,12 +155,9 @@ def benchmark(model, *, batch: int = 1, threads: int | None = None, repeats: int
         try:
             sess = ort_session(model, threads)
             want = sess.run(None, feeds)
-        except Exception as err:  # onnxruntime's own exception types, whatever they are
-            if type(err).__module__.split(".")[0] != "onnxruntime":
-                raise
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise EngineError(f"onnxruntime cannot run {os.fspath(model)} ({first}); the engine "
-                              "can: time it alone with --no-onnxruntime "
+        except Exception as err:  # noqa: BLE001 - onnxruntime's own types; others re-raised
+            raise ort_failure(err, f"onnxruntime cannot run {os.fspath(model)} ({{reason}}); the "
+                              "engine can: time it alone with --no-onnxruntime "
                               "(benchmark(..., onnxruntime=False))") from None
         diffs = []
         for got, ref in zip(outputs, want):

@@ -21,7 +21,7 @@ import os
 import numpy as np
 import onnx
 
-from sparsify.errors import EngineError, InputError
+from sparsify.errors import InputError
 
 
 def _rel_diff(got, ref) -> float:
@@ -54,7 +54,7 @@ def _as_graph_layout(got: np.ndarray, shape: tuple) -> np.ndarray:
 def _ort_runner(proto: onnx.ModelProto, names: list[str], threads):
     """A function feeds -> {name: onnxruntime's value} for ``names`` (graph outputs or
     intermediate values, which become graph outputs of a copy of the model)."""
-    import onnxruntime as ort
+    from sparsify.engine.bench import ort_failure, ort_session
 
     model = onnx.ModelProto()
     model.CopyFrom(proto)
@@ -71,28 +71,19 @@ def _ort_runner(proto: onnx.ModelProto, names: list[str], threads):
             info = typed.get(name)
             model.graph.output.append(info if info is not None and info.type.HasField("tensor_type")
                                       else onnx.helper.make_empty_tensor_value_info(name))
-    opts = ort.SessionOptions()
-    if threads is not None:
-        opts.intra_op_num_threads = threads
-
-    def failed(err):
-        if type(err).__module__.split(".")[0] != "onnxruntime":
-            raise err
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        return EngineError(f"onnxruntime cannot run this model ({first}), so there is nothing to "
-                           "verify the engine against")
-
+    why = ("onnxruntime cannot run this model ({reason}), so there is nothing to verify the "
+           "engine against")
     try:
-        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    except Exception as err:  # onnxruntime's own exception types
-        raise failed(err) from None
+        sess = ort_session(model.SerializeToString(), threads)
+    except Exception as err:  # noqa: BLE001 - onnxruntime's own types; others re-raised
+        raise ort_failure(err, why) from None
     wanted = [o.name for o in sess.get_outputs() if o.name in set(names)]
 
     def run(feeds: dict) -> dict:
         try:
             return dict(zip(wanted, sess.run(wanted, feeds)))
         except Exception as err:  # noqa: BLE001
-            raise failed(err) from None
+            raise ort_failure(err, why) from None
     return run
 
 

@@ -130,3 +130,12 @@ def test_dataset_check_reports_top1_and_agreement(tmp_path, capsys):
     with pytest.raises(InputError, match="verify it on the data it was trained for"):
         verify(other, data="digits")
     assert main(["verify", str(path), "--data", "digits", "--limit", "0"]) == 2
+
+
+def test_a_model_onnxruntime_refuses_is_one_typed_error():
+    from sparsify.errors import EngineError
+
+    model = small_model()
+    model.ir_version = 99  # the engine runs it; onnxruntime does not know the version
+    with pytest.raises(EngineError, match="onnxruntime cannot run this model"):
+        verify(model)
